@@ -1,0 +1,112 @@
+"""What exists: datasets, their domains and label sets, corruptions, pnc's own model families.
+
+Stdlib only, so that ``pnc validate`` answers without importing torch. The committed list of
+timm/torchvision model names lives in ``model_names.json`` beside this file; a test keeps it in
+sync with the installed libraries.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_size: int  # native side length in pixels
+    channels: int
+    splits: tuple[str, ...]
+    embedded: bool = False  # generated from installed packages, no files needed
+    domains: tuple[str, ...] = ()
+    label_sets: tuple[str, ...] = ()  # human label sets usable as label noise
+    raw_dir: str = ""  # folder under the data root
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    d.name: d
+    for d in [
+        DatasetInfo("digits", 10, 8, 1, ("train", "test"), embedded=True,
+                    description="scikit-learn's 1,797 handwritten digits (8x8, 0..16), seeded stratified split"),
+        DatasetInfo("digits_domains", 10, 16, 1, ("train", "test"), embedded=True,
+                    domains=("handwritten", "typeset", "segment"),
+                    description="ten digit classes in three rendering styles, generated offline by a DVC stage"),
+        DatasetInfo("cifar10", 10, 32, 3, ("train", "test"), raw_dir="cifar10",
+                    label_sets=("clean", "aggre", "random1", "random2", "random3", "worse"),
+                    description="CIFAR-10 python pickles; CIFAR-10N human label sets"),
+        DatasetInfo("cifar100", 100, 32, 3, ("train", "test"), raw_dir="cifar100",
+                    label_sets=("clean", "noisy"),
+                    description="CIFAR-100 python pickles; CIFAR-100N human label set"),
+        DatasetInfo("mini_imagenet", 100, 84, 3, ("train", "test"), raw_dir="mini_imagenet",
+                    description="Mini-ImageNet, all 100 classes merged, 500 train / 100 test per class"),
+        DatasetInfo("imagenet", 1000, 224, 3, ("train", "val"), raw_dir="imagenet",
+                    description="ILSVRC2012 ImageFolder layout"),
+        DatasetInfo("office_home", 65, 224, 3, ("train", "test"), raw_dir="office_home",
+                    domains=("Art", "Clipart", "Product", "Real_World"),
+                    description="Office-Home, four domains, seeded per-domain splits"),
+    ]
+}
+
+# Label-noise kinds of a noise_sweep and the datasets each fits (None = any dataset).
+LABEL_NOISE_KINDS: dict[str, tuple[str, ...] | None] = {
+    "symmetric": None,  # a fraction r of samples gets a uniformly random label
+    "class_dependent": None,  # labels flipped through a seeded transition matrix
+    "human": ("cifar10", "cifar100"),  # CIFAR-10N / CIFAR-100N human label sets
+}
+
+# CIFAR-10-C corruptions whose formulas pnc applies to training images (DATA.md).
+CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
+# All 19 CIFAR-10-C corruptions (for evaluation on the published .npy files).
+CIFAR10C_CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
+)
+MAX_SEVERITY = 5
+
+# pnc's CIFAR-style ResNets (He et al. 2016, sec. 4.2): depth 6n+2, widths 16/32/64.
+CIFAR_RESNET_DEPTHS: tuple[int, ...] = (8, 14, 20, 32, 44, 56, 110)
+_CIFAR_RESNET_RE = re.compile(r"^cifar_resnet(\d+)$")
+
+
+def pnc_model_names() -> list[str]:
+    return [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + [f"cifar_resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+
+
+def cifar_resnet_depth(name: str) -> int | None:
+    """Depth of a pnc CIFAR-style ResNet name (``resnet20``, ``cifar_resnet26``), else None."""
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m and int(m.group(1)) in CIFAR_RESNET_DEPTHS:
+        return int(m.group(1))
+    m = _CIFAR_RESNET_RE.fullmatch(name)
+    if m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) >= 8:
+        return int(m.group(1))
+    return None
+
+
+@lru_cache(maxsize=1)
+def library_model_names() -> dict[str, frozenset[str]]:
+    """{'torchvision': names, 'timm': names} from the committed ``model_names.json``."""
+    path = Path(__file__).with_name("model_names.json")
+    data = json.loads(path.read_text())
+    return {k: frozenset(v) for k, v in data.items() if isinstance(v, list)}
+
+
+def model_source(name: str) -> str | None:
+    """Which registry resolves ``name`` by default: 'pnc', 'torchvision', 'timm', or None."""
+    if cifar_resnet_depth(name) is not None:
+        return "pnc"
+    libs = library_model_names()
+    for src in ("torchvision", "timm"):
+        if name in libs.get(src, ()):
+            return src
+    return None
+
+
+def all_model_names() -> list[str]:
+    libs = library_model_names()
+    return sorted(set(pnc_model_names()) | set().union(*libs.values()))

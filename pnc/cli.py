@@ -1,0 +1,224 @@
+"""The ``pnc`` command line. Thin: parse arguments, call one function, turn PncError into exit 1.
+
+Importing this module must stay cheap (no torch, no mlflow): ``pnc --help`` and
+``pnc validate`` answer in well under a second or two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import PncError
+
+EPILOG = """examples:
+  pnc validate specs/*.yaml
+  pnc run specs/digits_depth.yaml --set train.epochs=1
+  pnc plan specs/digits_noise.yaml --json
+  pnc report specs/digits_depth.yaml
+  pnc ui --port 5000
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pnc",
+        description="Progressive neural collapse, measured layer by layer: specs -> DVC -> Accelerate -> MLflow -> Altair.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"pnc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check study specs; report every problem as FILE:LINE:COL: key: message")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field (value parsed as YAML) before validating")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of study specs")
+    s.add_argument("--write", action="store_true", help=f"write it to pnc/schema/study.schema.json")
+
+    for name, helptext in (("plan", "list a study's cells with their ids"), ("run", "run a study (or one cell) outside DVC")):
+        r = sub.add_parser(name, help=helptext)
+        r.add_argument("spec", metavar="SPEC")
+        r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec field, value parsed as YAML: --set train.epochs=1 --set 'models=[resnet8]'")
+        if name == "plan":
+            r.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            r.add_argument("--cell", action="append", default=[], metavar="ID", help="run only this cell (id or name; repeatable)")
+            r.add_argument("--force", action="store_true", help="re-run cells that already finished")
+            r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    rep = sub.add_parser("report", help="draw a study's figures from MLflow into reports/<study>/")
+    rep.add_argument("specs", nargs="*", metavar="SPEC")
+    rep.add_argument("--out", default="reports", help="reports folder (default: reports)")
+    rep.add_argument("--index", action="store_true", help="(re)write reports/index.html linking every study's report")
+
+    d = sub.add_parser("derive", help="materialise the derived (noisy/corrupted) splits a study needs (a DVC stage)")
+    d.add_argument("spec", metavar="SPEC")
+    d.add_argument("--out", default="data/derived", help="folder of derived splits (default: data/derived)")
+
+    e = sub.add_parser("embed", help="generate an embedded dataset into data/embedded/<name> (a DVC stage)")
+    e.add_argument("dataset", choices=["digits", "digits_domains"])
+    e.add_argument("--out", default="data/embedded", help="folder (default: data/embedded)")
+
+    u = sub.add_parser("ui", help="open the MLflow UI on the project's store")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+
+    lin = sub.add_parser("lineage", help="trace an MLflow run back to the raw data; check nothing drifted")
+    lin.add_argument("run_id", metavar="RUN_ID")
+    lin.add_argument("--json", action="store_true")
+    return p
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .errors import SpecError
+    from .spec import load_spec
+
+    bad = 0
+    for f in args.files:
+        try:
+            spec = load_spec(f, args.overrides)
+        except SpecError as e:
+            bad += 1
+            print(str(e), file=sys.stderr)
+        except PncError as e:
+            bad += 1
+            print(f"{f}:1:1: {e}", file=sys.stderr)
+        else:
+            print(f"{f}: ok ({spec.kind} '{spec.name}', {len(spec.models)} model(s))")
+    if len(args.files) > 1:
+        print(f"{len(args.files) - bad} valid, {bad} invalid", file=sys.stderr if bad else sys.stdout)
+    return 1 if bad else 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .spec import SCHEMA_PATH, json_schema_text
+
+    text = json_schema_text()
+    if args.write:
+        SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+        SCHEMA_PATH.write_text(text)
+        print(f"wrote {SCHEMA_PATH}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .study import expand
+
+    spec = load_spec(args.spec, args.overrides)
+    cells = expand(spec)
+    if args.json:
+        print(json.dumps({"study": spec.name, "kind": spec.kind, "cells": [c.as_dict() for c in cells]}, indent=2))
+    else:
+        print(f"{spec.name} ({spec.kind}): {len(cells)} cell(s)")
+        for c in cells:
+            print(f"  {c.id}  {c.name}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .study import expand, find_cell
+
+    spec = load_spec(args.spec, args.overrides)
+    cells = expand(spec)
+    if args.cell:
+        cells = [find_cell(cells, key) for key in args.cell]
+    from .runner import run_study  # heavy imports only now
+
+    return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    if not args.specs and not args.index:
+        raise PncError("give one or more study specs, or --index")
+    from .report import render_index, render_study
+
+    for f in args.specs:
+        spec = load_spec(f)
+        out = render_study(spec, Path(args.out))
+        print(f"{spec.name}: report written to {out}")
+    if args.index or args.specs:
+        idx = render_index(Path(args.out))
+        print(f"index: {idx}")
+    return 0
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    from .data.registry import materialise_derived
+
+    for path in materialise_derived(spec, Path(args.out)):
+        print(path)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .data.registry import materialise_embedded
+
+    print(materialise_embedded(args.dataset, Path(args.out)))
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from .tracking import tracking_uri
+
+    uri = tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C to stop")
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from .lineage import lineage
+
+    return lineage(args.run_id, as_json=args.json)
+
+
+COMMANDS = {
+    "validate": _cmd_validate,
+    "schema": _cmd_schema,
+    "plan": _cmd_plan,
+    "run": _cmd_run,
+    "report": _cmd_report,
+    "derive": _cmd_derive,
+    "embed": _cmd_embed,
+    "ui": _cmd_ui,
+    "lineage": _cmd_lineage,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except PncError as e:
+        print(f"error: {e}" if "\n" not in str(e) and ":" not in str(e).split(" ")[0] else str(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `pnc schema | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

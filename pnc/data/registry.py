@@ -1,0 +1,195 @@
+"""Which files a cell reads: base splits (embedded or raw), derived noisy/corrupted splits, digests.
+
+Embedded datasets live in ``data/embedded/<name>`` and derived splits in
+``data/derived/<study>/<setting>``, both written by DVC stages (``pnc embed``, ``pnc derive``)
+in pnc's split format (:mod:`pnc.data.store`). ``pnc run`` outside DVC writes a missing one the
+same way, so both paths read identical bytes. The list of derived splits has one source of
+truth: the noise settings of the study specs (:func:`pnc.study.noise_settings`).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .base import ImageSplit
+
+EMBEDDED_ROOT = Path("data") / "embedded"
+DERIVED_ROOT = Path("data") / "derived"
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One split a run read, as logged to MLflow and checked by ``pnc lineage``."""
+
+    name: str  # e.g. "digits/train" or "digits_noise/symmetric-0.2"
+    path: str  # folder or file it was read from
+    digest: str
+    context: str  # "training", "evaluation" or "probe"
+    stage: str | None = None  # the DVC stage that writes it, if any
+
+
+@dataclass
+class CellData:
+    train: ImageSplit  # what the network is trained on (labels possibly noisy, inputs possibly corrupted)
+    test: ImageSplit
+    clean_labels: np.ndarray | None = None  # clean labels of ``train`` when its labels are noisy
+    clean_inputs: ImageSplit | None = None  # clean images of ``train`` when its inputs are corrupted
+    noise_rate: float | None = None  # realised fraction of changed labels (label noise)
+    manifest: dict | None = None
+    inputs: list[DataInput] = field(default_factory=list)
+
+
+def setting_dirname(tag: str) -> str:
+    return tag.replace(":", "-")
+
+
+def _embedded_splits(name: str, domain: str | None) -> dict[str, tuple[ImageSplit, Path]]:
+    from .embedded import write_embedded
+    from .store import read_split
+
+    root = EMBEDDED_ROOT / name
+    base = root / domain if domain else root
+    if not (base / "train" / "manifest.json").exists():
+        print(f"pnc: writing embedded dataset {name} to {root} (normally the DVC stage `embed@{name}` does this)", file=sys.stderr)
+        write_embedded(root, name)
+    return {s: (read_split(base / s), base / s) for s in ("train", "test")}
+
+
+def _raw_splits(ds: Any, domain: str | None, train_fraction: float = 0.8, seed: int = 0) -> dict[str, ImageSplit]:
+    name, root = ds.name, ds.root
+    if name == "cifar10":
+        from .cifar import load_cifar10
+
+        return load_cifar10(root)
+    if name == "cifar100":
+        from .cifar import load_cifar100
+
+        return load_cifar100(root)
+    if name == "mini_imagenet":
+        from .mini_imagenet import load_mini_imagenet
+
+        return load_mini_imagenet(root)
+    if name == "imagenet":
+        from .imagenet import load_imagenet
+
+        return load_imagenet(root)
+    if name == "office_home":
+        from .office_home import load_office_home
+
+        return load_office_home(root, domain=domain, train_fraction=train_fraction, seed=seed)
+    raise DataError(f"no loader for dataset {name!r}")  # pragma: no cover - catalog and loaders agree
+
+
+def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = 0.8) -> dict[str, tuple[ImageSplit, str, str]]:
+    """{split: (ImageSplit, path, digest)} of a dataset (and domain)."""
+    from .store import split_digest
+
+    if ds.info.embedded:
+        return {s: (sp, str(p), split_digest(p)) for s, (sp, p) in _embedded_splits(ds.name, domain).items()}
+    splits = _raw_splits(ds, domain, train_fraction)
+    return {s: (sp, sp.source or str(ds.root or ""), sp.digest()) for s, sp in splits.items()}
+
+
+def _stage_of(path: str) -> str | None:
+    p = Path(path)
+    parts = p.parts
+    if len(parts) >= 3 and parts[0] == "data" and parts[1] == "embedded":
+        return f"embed@{parts[2]}"
+    if len(parts) >= 3 and parts[0] == "data" and parts[1] == "derived":
+        return f"derive@{parts[2]}"
+    return None
+
+
+def derived_dir(study: str, tag: str, root: Path = DERIVED_ROOT) -> Path:
+    return root / study / setting_dirname(tag)
+
+
+def _human_labels(spec: Any, train: ImageSplit) -> dict[str, np.ndarray]:
+    from .cifar10n import load_cifar_n
+
+    return load_cifar_n(None, dataset=spec.dataset.name, train_labels=train.labels)
+
+
+def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path) -> Path:
+    """Write one derived split (idempotent: an existing, intact split is kept)."""
+    from .derive import derive_split
+    from .store import read_manifest, write_split
+
+    if (out / "manifest.json").exists():
+        try:
+            m = read_manifest(out)
+            if m.get("base_digest") == base_digest and m.get("seed") == spec.noise.seed:
+                return out
+        except DataError:
+            pass
+    kwargs: dict[str, Any] = {}
+    if setting.kind == "human":
+        kwargs["human_labels"] = _human_labels(spec, base_train)
+    split, manifest = derive_split(base_train, transform=setting.kind, level=setting.level, seed=spec.noise.seed, **kwargs)
+    manifest = dict(manifest, base_digest=base_digest, base_name=base_train.name, study=spec.name, setting=setting.tag)
+    write_split(out, split, manifest)
+    return out
+
+
+def materialise_derived(spec: Any, out_root: Path = DERIVED_ROOT) -> list[Path]:
+    """Every derived split of a noise_sweep spec (the DVC stage ``derive@<study>``)."""
+    from ..study import noise_settings
+
+    if spec.kind != "noise_sweep":
+        raise DataError(f"{spec.name} is a {spec.kind}; only a noise_sweep has derived splits")
+    train, _, digest = base_splits(spec.dataset, spec.dataset.domain)["train"]
+    written = []
+    for ns in noise_settings(spec):
+        if ns.is_clean:
+            continue
+        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root)))
+    return written
+
+
+def materialise_embedded(name: str, out_root: Path = EMBEDDED_ROOT) -> Path:
+    from .embedded import write_embedded
+
+    write_embedded(out_root / name, name)
+    return out_root / name
+
+
+def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellData:
+    """The splits one cell trains and measures on, with their digests for MLflow/lineage."""
+    from .store import read_manifest, read_split, split_digest
+
+    dom = domain if domain is not None else (cell.source if cell.source else spec.dataset.domain)
+    tf = spec.transfer.train_fraction if spec.kind == "domain_transfer" else 0.8
+    splits = base_splits(spec.dataset, dom, train_fraction=tf)
+    train_name, test_name = spec.dataset.train_split, spec.dataset.test
+    for s in (train_name, test_name):
+        if s not in splits:
+            raise DataError(f"{spec.dataset.name} has no split {s!r}; found {', '.join(splits)}")
+    train, tpath, tdig = splits[train_name]
+    test, epath, edig = splits[test_name]
+    label = f"{spec.dataset.name}/{dom}" if dom else spec.dataset.name
+    base_inputs = [
+        DataInput(f"{label}/{train_name}", tpath, tdig, "training", _stage_of(tpath)),
+        DataInput(f"{label}/{test_name}", epath, edig, "evaluation", _stage_of(epath)),
+    ]
+    noise = cell.noise
+    if noise is None or noise.is_clean:
+        return CellData(train=train, test=test, inputs=base_inputs)
+    out = derived_dir(spec.name, noise.tag)
+    derive_one(spec, noise, train, tdig, out)
+    derived = read_split(out)
+    manifest = read_manifest(out)
+    dig = split_digest(out)
+    d_input = DataInput(f"{spec.name}/{setting_dirname(noise.tag)}", str(out), dig, "training", _stage_of(str(out)))
+    base_inputs[0] = DataInput(base_inputs[0].name, tpath, tdig, "evaluation", base_inputs[0].stage)
+    clean_labels = derived.meta.get("clean_labels")
+    if clean_labels is None:
+        clean_labels = train.labels
+    if noise.type == "label":
+        return CellData(train=derived, test=test, clean_labels=np.asarray(clean_labels), noise_rate=manifest.get("realized_noise_rate"),
+                        manifest=manifest, inputs=[d_input] + base_inputs)
+    return CellData(train=derived, test=test, clean_inputs=train, manifest=manifest, inputs=[d_input] + base_inputs)

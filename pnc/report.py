@@ -1,0 +1,234 @@
+"""Reports: MLflow -> tidy DataFrame -> Altair charts (offline HTML + PNG) in ``reports/<study>/``.
+
+Reads MLflow only (never torch). Each study's report is rendered into a temporary folder and
+moved into place in one rename, so an interrupted report never leaves a half-written folder.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import PncError
+
+DEPTH_KEYS = [("cdnv/train", "CDNV (train)", True), ("nc2/train", "NC2 (train)", False), ("probe_acc/test", "probe accuracy (test)", False)]
+NOISE_KEYS = [("cdnv/train_noisy", "CDNV (noisy)", True), ("nc2/train_noisy", "NC2 (noisy)", False),
+              ("mem_ratio/train", "memorization ratio", True), ("probe_acc/test", "probe accuracy (test)", False)]
+TRANSFER_KEYS = [("cdnv/target", "CDNV (target)", True), ("nc2/target", "NC2 (target)", False),
+                 ("probe_acc/target_test", "probe accuracy (target test)", False)]
+
+
+# ----------------------------------------------------------------------------- MLflow -> DataFrame
+def _runs(experiment: str, role: str) -> list:
+    from . import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = '{role}' and attributes.status = 'FINISHED'",
+                         max_results=5000, order_by=["attributes.start_time ASC"])
+    return runs
+
+
+def layer_frame(experiment: str, keys: list[str], role: str = "cell") -> pd.DataFrame:
+    """One row per (run, metric, layer): run_id, cell, model, noise, source, target, metric, layer, rel_depth, value."""
+    from . import tracking
+
+    rows = []
+    latest: dict[str, Any] = {}
+    for r in _runs(experiment, role):  # newest run per cell name wins
+        latest[r.data.tags.get(tracking.TAG_CELL_NAME, r.info.run_id) + r.data.tags.get("target", "")] = r
+    for r in latest.values():
+        tags = r.data.tags
+        for key in keys:
+            if key not in r.data.metrics:
+                continue
+            vals = tracking.layer_history(r.info.run_id, key)
+            n = len(vals)
+            for layer, v in enumerate(vals):
+                rows.append({
+                    "run_id": r.info.run_id, "cell": tags.get(tracking.TAG_CELL_NAME, ""), "model": tags.get("pnc.model", ""),
+                    "depth": int(tags.get("pnc.depth", "0") or 0), "noise": tags.get("pnc.noise", "clean"),
+                    "noise_kind": tags.get("pnc.noise_kind", "clean"), "noise_level": tags.get("pnc.noise_level", "0"),
+                    "source": tags.get("source", ""), "target": tags.get("target", ""),
+                    "metric": key, "layer": layer, "rel_depth": layer / max(1, n - 1), "value": v,
+                })
+    return pd.DataFrame(rows)
+
+
+def run_frame(experiment: str, role: str = "cell") -> pd.DataFrame:
+    """One row per finished run: tags and final scalar metrics."""
+    rows = []
+    for r in _runs(experiment, role):
+        row = {"run_id": r.info.run_id, **{k: v for k, v in r.data.tags.items() if k.startswith("pnc.") or k in ("source", "target")}}
+        row.update({k: v for k, v in r.data.metrics.items() if "/" not in k or k.startswith(("train/final", "test/", "noise/", "final/", "best/"))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- charts
+def _curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color_sort: list[str] | None,
+            width: int = 220, height: int = 150, rule: float | None = None):
+    import altair as alt
+
+    d = df[df.metric == key]
+    if log:
+        d = d[d.value > 0]
+    y = alt.Y("value:Q", title=title, scale=alt.Scale(type="log") if log else alt.Undefined)
+    base = alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=alt.X("layer:Q", title="layer (tapped block)"),
+        y=y,
+        color=alt.Color(f"{color}:N", sort=color_sort, title=color),
+        tooltip=["cell", "layer", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(width=width, height=height)
+    if rule is not None:
+        base = base + alt.Chart(pd.DataFrame({"y": [rule]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return base
+
+
+def depth_chart(df: pd.DataFrame, title: str):
+    """The paper's Figure 1 layout: rows CDNV (log), NC2, probe accuracy; x = layer; one line per model."""
+    import altair as alt
+
+    order = df.drop_duplicates("model").sort_values("depth").model.tolist()
+    rows = [_curves(df, k, t, log, "model", order, width=420, height=170) for k, t, log in DEPTH_KEYS if k in set(df.metric)]
+    return alt.vconcat(*rows).properties(title=title)
+
+
+def noise_chart(df: pd.DataFrame, title: str):
+    """Figures 2, 6-9: rows CDNV (noisy, log), NC2, memorization ratio (Delta = 1 line), probe accuracy; columns = models."""
+    import altair as alt
+
+    models = df.drop_duplicates("model").sort_values("depth").model.tolist()
+    levels = df.drop_duplicates("noise").sort_values(["noise_kind", "noise_level"]).noise.tolist()
+    if "clean" in levels:
+        levels = ["clean"] + [x for x in levels if x != "clean"]
+    grid = []
+    for key, t, log in NOISE_KEYS:
+        if key not in set(df.metric):
+            continue
+        row = [_curves(df[df.model == m], key, f"{t}", log, "noise", levels, rule=1.0 if key.startswith("mem_ratio") else None)
+               .properties(title=m if key == NOISE_KEYS[0][0] else "") for m in models]
+        grid.append(alt.hconcat(*row))
+    return alt.vconcat(*grid).properties(title=title)
+
+
+def _save(chart: Any, folder: Path, stem: str) -> list[str]:
+    chart.save(str(folder / f"{stem}.html"), inline=True)
+    chart.save(str(folder / f"{stem}.png"), scale_factor=1.5)
+    return [f"{stem}.html", f"{stem}.png"]
+
+
+def _page(title: str, sections: list[tuple[str, str]]) -> str:
+    body = "\n".join(f"<section><h2>{html.escape(h)}</h2>\n{content}</section>" for h, content in sections)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            "img{max-width:100%}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>\n{body}\n<p><a href='../index.html'>all reports</a></p></body></html>")
+
+
+def _figure(stem: str) -> str:
+    return (f"<p><a href='{stem}.html'>interactive chart</a></p>"
+            f"<img src='{stem}.png' alt='{html.escape(stem)}'>")
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+
+
+# ----------------------------------------------------------------------------- study reports
+def _render_depth(spec: Any, folder: Path) -> list[tuple[str, str]]:
+    df = layer_frame(spec.experiment, [k for k, _, _ in DEPTH_KEYS] + ["nc1/train", "ncc_acc/train", "ncc_acc/test"])
+    if df.empty:
+        raise PncError(f"no finished runs of study {spec.name!r} in MLflow ({_where()}); run `pnc run` or `dvc repro` first")
+    _save(depth_chart(df, f"{spec.name}: progressive collapse by depth"), folder, "layers")
+    sections = [("Per-layer collapse and probe accuracy (Figure 1 layout)", _figure("layers"))]
+    extra = [k for k in ("nc1/train", "ncc_acc/train", "ncc_acc/test") if k in set(df.metric)]
+    if extra:
+        import altair as alt
+
+        order = df.drop_duplicates("model").sort_values("depth").model.tolist()
+        ch = alt.hconcat(*[_curves(df, k, k, k.startswith("nc1"), "model", order) for k in extra])
+        _save(ch, folder, "extra")
+        sections.append(("NC1 and nearest-class-centre accuracy", _figure("extra")))
+    runs = run_frame(spec.experiment)
+    cols = [c for c in ["pnc.model", "train/final_acc", "test/acc", "final/probe_acc_test", "best/probe_acc_test"] if c in runs]
+    if cols:
+        sections.append(("Final accuracies per model", _table(runs[cols].sort_values(cols[0]))))
+    return sections
+
+
+def _render_noise(spec: Any, folder: Path) -> list[tuple[str, str]]:
+    keys = [k for k, _, _ in NOISE_KEYS] + ["cdnv/train_clean"]
+    df = layer_frame(spec.experiment, keys)
+    if df.empty:
+        raise PncError(f"no finished runs of study {spec.name!r} in MLflow ({_where()}); run `pnc run` or `dvc repro` first")
+    sections = []
+    kinds = [k for k in df.noise_kind.unique() if k != "clean"]
+    for kind in kinds:
+        sub = df[(df.noise_kind == kind) | (df.noise == "clean")]
+        stem = f"noise_{kind}"
+        _save(noise_chart(sub, f"{spec.name}: {kind}"), folder, stem)
+        sections.append((f"{kind}: collapse on noisy data, memorization ratio, probe accuracy", _figure(stem)))
+    runs = run_frame(spec.experiment)
+    cols = [c for c in ["pnc.model", "pnc.noise", "noise/realized_rate", "train/final_acc", "test/acc", "pnc.memorization_layers"] if c in runs]
+    if cols:
+        sections.append(("Memorization layers and final accuracies per cell", _table(runs[cols].sort_values(cols[:2]))))
+    return sections
+
+
+def _render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
+    from .transfer_report import render_transfer
+
+    return render_transfer(spec, folder)
+
+
+def _where() -> str:
+    from .tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def render_study(spec: Any, out: Path) -> Path:
+    """Write ``out/<study>/index.html`` (+ chart HTML/PNG files) atomically; returns the folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / spec.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out))
+    try:
+        render = {"depth_sweep": _render_depth, "noise_sweep": _render_noise, "domain_transfer": _render_transfer}[spec.kind]
+        sections = render(spec, tmp)
+        (tmp / "index.html").write_text(_page(f"{spec.name} ({spec.kind})", [("About", html.escape(spec.description or ""))] + sections))
+        old = None
+        if final.exists():
+            old = out / f".{spec.name}-old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def render_index(out: Path) -> Path:
+    """``out/index.html`` linking every study report found under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    items = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "index.html").exists()):
+        items.append(f"<li><a href='{html.escape(d.name)}/index.html'>{html.escape(d.name)}</a></li>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pnc reports</title></head><body>"
+            "<h1>pnc reports</h1><ul>" + "\n".join(items) + "</ul></body></html>")
+    path = out / "index.html"
+    tmp = path.with_name(f".index.html.{os.getpid()}")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path

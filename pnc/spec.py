@@ -1,0 +1,730 @@
+"""The study spec language: pydantic models, YAML loading with line numbers, overrides.
+
+A study is one of ``depth_sweep``, ``noise_sweep`` or ``domain_transfer`` (discriminated on
+``kind``). Every default lives here, once. :func:`load_spec` validates a YAML file completely
+and raises :class:`~pnc.errors.SpecError` listing every problem as ``FILE:LINE:COL: key.path:
+message``. Nothing after this module re-checks the spec.
+
+Stdlib + pydantic + ruamel.yaml only: ``pnc validate`` must not import torch or mlflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from . import catalog
+from .errors import PncError, Problem, SpecError, did_you_mean
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "study.schema.json"
+SCHEMA_LINE_PREFIX = "# yaml-language-server: $schema="
+
+METRICS = ("cdnv", "nc1", "nc2", "ncc", "probe")
+_NAME_RE = r"^[a-z0-9][a-z0-9_\-]*$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------- blocks
+class DatasetSpec(_Spec):
+    """Which data a study trains and measures on."""
+
+    name: str = Field(description="Dataset name: " + ", ".join(catalog.DATASETS))
+    image_size: int | None = Field(
+        None, ge=4, le=1024, description="Side length the images are resized to; default: the dataset's native size."
+    )
+    train_split: str = Field("train", description="Split the networks are trained on.")
+    test_split: str | None = Field(None, description="Held-out split for probes and test metrics; default: 'test' or 'val'.")
+    domain: str | None = Field(None, description="Domain of a multi-domain dataset (depth/noise studies only).")
+    root: str | None = Field(None, description="Raw-data folder; default $PNC_DATA_ROOT/<dataset> or data/raw/<dataset>.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in catalog.DATASETS:
+            raise ValueError(f"unknown dataset {v!r}.{did_you_mean(v, catalog.DATASETS)}")
+        return v
+
+    @property
+    def info(self) -> catalog.DatasetInfo:
+        return catalog.DATASETS[self.name]
+
+    @property
+    def size(self) -> int:
+        return self.image_size or self.info.image_size
+
+    @property
+    def test(self) -> str:
+        if self.test_split:
+            return self.test_split
+        return "test" if "test" in self.info.splits else self.info.splits[-1]
+
+
+class ModelSpec(_Spec):
+    """One network: a timm/torchvision name verbatim, or one of pnc's CIFAR ResNets (resnet8, resnet20, ...)."""
+
+    name: str
+    source: Literal["auto", "pnc", "torchvision", "timm"] = "auto"
+    cifar_stem: bool | None = Field(None, description="3x3 stride-1 stem, no max-pool; default: on for inputs <= 64 px.")
+    pretrained: bool = False
+    weights: str | None = Field(None, description="Local weights file for pretrained=true (nothing is downloaded).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model factory.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if catalog.model_source(v) is None:
+            hint = did_you_mean(v, catalog.all_model_names(), show=0).split(" Available:")[0]
+            raise ValueError(
+                f"unknown model {v!r}.{hint} Known: pnc's CIFAR ResNets ({', '.join(catalog.pnc_model_names()[:7])}) "
+                "and every torchvision/timm classification model name verbatim (listed in pnc/model_names.json)."
+            )
+        return v
+
+    @property
+    def resolved_source(self) -> str:
+        return catalog.model_source(self.name) if self.source == "auto" else self.source
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def _model_entry(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v
+
+
+ModelEntry = Annotated[ModelSpec, BeforeValidator(_model_entry)]
+
+
+class OptimizerSpec(_Spec):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    nesterov: bool = False
+
+
+class ScheduleSpec(_Spec):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    step_size: int = Field(40, ge=1, description="Epochs between decays (step schedule).")
+    gamma: float = Field(0.2, gt=0, le=1, description="Decay factor (step schedule).")
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class AugmentSpec(_Spec):
+    random_crop: bool = False
+    crop_padding: int = Field(4, ge=0, le=64)
+    horizontal_flip: bool = False
+
+
+class TrainSpec(_Spec):
+    """Training recipe. Defaults: the common CIFAR neural-collapse recipe, no augmentation (Papyan/Zhu)."""
+
+    epochs: int = Field(200, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    augmentation: AugmentSpec = AugmentSpec()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    num_workers: int = Field(0, ge=0, le=256)
+    max_loss: float = Field(1e4, gt=0, description="A loss above this (or NaN) fails the cell as diverged.")
+
+
+class MeasureSpec(_Spec):
+    """What is measured on every tapped layer."""
+
+    layers: Literal["blocks", "stages"] | list[str] = Field(
+        "blocks", description="'blocks' (every residual/transformer block + penultimate), 'stages', or module name patterns."
+    )
+    reduction: str = Field("avgpool", pattern=r"^(avgpool|flatten|project:[1-9][0-9]*)$")
+    metrics: list[Literal["cdnv", "nc1", "nc2", "ncc", "probe"]] = Field(default_factory=lambda: list(METRICS), min_length=1)
+    nc1_dim_cap: int = Field(1024, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
+    batch_size: int = Field(256, ge=1, le=1_000_000)
+
+    @field_validator("layers")
+    @classmethod
+    def _nonempty_layers(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("layer pattern list is empty: give at least one pattern, or 'blocks'")
+            _no_duplicates(v)
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_metrics(cls, v: list[str]) -> list[str]:
+        return _no_duplicates(v)
+
+
+class ProbeSpec(_Spec):
+    """Layer-wise linear probes: trained on the training split, scored on the test split."""
+
+    kind: Literal["ridge", "logistic"] = "ridge"
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Part of the training split held out to pick regularisation.")
+    max_samples: int = Field(50_000, ge=10, description="Cap on cached samples per layer (logistic probe).")
+    samples_per_class: int | None = Field(None, ge=1, description="Target samples per class (domain_transfer only).")
+
+
+class TrackingSpec(_Spec):
+    experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
+    registered_model: str | None = Field(None, description="Model-registry name (domain_transfer); default: '<study>-<model>'.")
+
+
+def _no_duplicates(v: list) -> list:
+    seen, dups = set(), []
+    for x in v:
+        key = json.dumps(x, sort_keys=True, default=str)
+        if key in seen:
+            dups.append(x)
+        seen.add(key)
+    if dups:
+        raise ValueError(f"duplicate entries: {', '.join(map(str, dups))}")
+    return v
+
+
+# ----------------------------------------------------------------------------- noise
+class SymmetricNoiseSpec(_Spec):
+    """A fraction r of training samples gets a uniformly random label (Zhang et al. 2017)."""
+
+    kind: Literal["symmetric"]
+    rates: list[float] = Field(min_length=1)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        return _check_rates(v)
+
+
+class ClassDependentNoiseSpec(_Spec):
+    """Each class flips with probability p to confusable classes (a seeded transition matrix)."""
+
+    kind: Literal["class_dependent"]
+    rates: list[float] = Field(min_length=1)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        return _check_rates(v)
+
+
+class HumanNoiseSpec(_Spec):
+    """CIFAR-10N / CIFAR-100N human label sets."""
+
+    kind: Literal["human"]
+    label_sets: list[str] = Field(min_length=1)
+
+    @field_validator("label_sets")
+    @classmethod
+    def _sets(cls, v: list[str]) -> list[str]:
+        return _no_duplicates(v)
+
+
+def _check_rates(v: list[float]) -> list[float]:
+    bad = [r for r in v if not (0.0 <= r <= 1.0)]
+    if bad:
+        raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
+    return _no_duplicates(v)
+
+
+LabelNoiseSpec = Annotated[
+    Union[SymmetricNoiseSpec, ClassDependentNoiseSpec, HumanNoiseSpec], Field(discriminator="kind")
+]
+
+
+class InputNoiseSpec(_Spec):
+    """CIFAR-10-C corruption applied to training images; severity 0 = clean."""
+
+    corruption: str
+    severities: list[int] = Field(min_length=1)
+
+    @field_validator("corruption")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in catalog.CORRUPTIONS:
+            raise ValueError(f"unknown corruption {v!r}.{did_you_mean(v, catalog.CORRUPTIONS)}")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _sev(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not (0 <= s <= catalog.MAX_SEVERITY)]
+        if bad:
+            raise ValueError(f"severities must lie in 0..{catalog.MAX_SEVERITY} (the published range); got {bad}")
+        return _no_duplicates(v)
+
+
+class NoiseSpec(_Spec):
+    label: list[LabelNoiseSpec] = Field(default_factory=list)
+    input: list[InputNoiseSpec] = Field(default_factory=list)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every derived split.")
+
+
+class TransferSpec(_Spec):
+    sources: list[str] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1)
+    train_fraction: float = Field(0.8, gt=0, lt=1, description="Per-domain train share (datasets without official splits).")
+
+    @field_validator("sources", "targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return _no_duplicates(v)
+
+
+# ----------------------------------------------------------------------------- studies
+class _StudySpec(_Spec):
+    name: str = Field(pattern=_NAME_RE, max_length=64, description="Study name (lower-case, digits, '_' or '-').")
+    description: str = ""
+    dataset: DatasetSpec
+    models: list[ModelEntry] = Field(min_length=1)
+    train: TrainSpec = TrainSpec()
+    measure: MeasureSpec = MeasureSpec()
+    probe: ProbeSpec = ProbeSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in v]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate models: {', '.join(dups)}")
+        return v
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+class DepthSweepSpec(_StudySpec):
+    """Train a family of networks of increasing depth; measure every layer (paper sec. 4.1, Fig. 1)."""
+
+    kind: Literal["depth_sweep"]
+
+
+class NoiseSweepSpec(_StudySpec):
+    """Train on noisy labels or corrupted inputs; compare collapse on noisy vs clean data (sec. 4.2)."""
+
+    kind: Literal["noise_sweep"]
+    noise: NoiseSpec
+
+
+class DomainTransferSpec(_StudySpec):
+    """Train on source domains, measure and linearly probe on target domains (sec. 4.3, Fig. 3)."""
+
+    kind: Literal["domain_transfer"]
+    transfer: TransferSpec
+
+
+StudySpec = Annotated[Union[DepthSweepSpec, NoiseSweepSpec, DomainTransferSpec], Field(discriminator="kind")]
+_ADAPTER: TypeAdapter = TypeAdapter(StudySpec)
+KINDS = ("depth_sweep", "noise_sweep", "domain_transfer")
+
+
+def json_schema() -> dict:
+    schema = _ADAPTER.json_schema()
+    # a model entry is a bare name or a mapping (the BeforeValidator turns names into mappings)
+    for name, d in schema.get("$defs", {}).items():
+        models = d.get("properties", {}).get("models")
+        if models and "items" in models:
+            models["items"] = {"anyOf": [{"type": "string", "description": "model name"}, models["items"]]}
+    schema["title"] = "pnc study spec"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
+    """Rules that involve more than one field. Returns (loc, message) pairs."""
+    out: list[tuple[tuple, str]] = []
+    info = spec.dataset.info
+    if spec.dataset.train_split not in info.splits:
+        out.append((("dataset", "train_split"), f"{info.name} has no split {spec.dataset.train_split!r}.{did_you_mean(spec.dataset.train_split, info.splits)}"))
+    if spec.dataset.test_split is not None and spec.dataset.test_split not in info.splits:
+        out.append((("dataset", "test_split"), f"{info.name} has no split {spec.dataset.test_split!r}.{did_you_mean(spec.dataset.test_split, info.splits)}"))
+    if spec.dataset.domain is not None:
+        if spec.kind == "domain_transfer":
+            out.append((("dataset", "domain"), "a domain_transfer study names its domains under transfer.sources/targets, not dataset.domain"))
+        elif not info.domains:
+            out.append((("dataset", "domain"), f"{info.name} has no domains; remove dataset.domain"))
+        elif spec.dataset.domain not in info.domains:
+            out.append((("dataset", "domain"), f"unknown domain {spec.dataset.domain!r} of {info.name}.{did_you_mean(spec.dataset.domain, info.domains)}"))
+    elif info.domains and spec.kind != "domain_transfer":
+        out.append((("dataset",), f"{info.name} has several domains: set dataset.domain to one of {', '.join(info.domains)}"))
+    if spec.probe.samples_per_class is not None and spec.kind != "domain_transfer":
+        out.append((("probe", "samples_per_class"), "only a domain_transfer study probes on a fixed number of target samples per class; remove it"))
+    for i, m in enumerate(spec.models):
+        if m.source != "auto":
+            libs = catalog.library_model_names()
+            ok = catalog.cifar_resnet_depth(m.name) is not None if m.source == "pnc" else m.name in libs.get(m.source, ())
+            if not ok:
+                out.append((("models", i, "source"), f"{m.name!r} is not a {m.source} model (it resolves to {catalog.model_source(m.name)})"))
+        if m.weights is not None and not m.pretrained:
+            out.append((("models", i, "weights"), "weights is given but pretrained is false; set pretrained: true or remove weights"))
+    if spec.kind == "noise_sweep":
+        noise = spec.noise
+        if not noise.label and not noise.input:
+            out.append((("noise",), "a noise_sweep needs at least one entry under noise.label or noise.input"))
+        for i, ln in enumerate(noise.label):
+            allowed = catalog.LABEL_NOISE_KINDS[ln.kind]
+            if allowed is not None and info.name not in allowed:
+                out.append((("noise", "label", i, "kind"), f"label noise {ln.kind!r} exists only for {', '.join(allowed)}, not {info.name}"))
+            elif ln.kind == "human":
+                for j, s in enumerate(ln.label_sets):
+                    if s not in info.label_sets:
+                        out.append((("noise", "label", i, "label_sets", j), f"{info.name} has no human label set {s!r}.{did_you_mean(s, info.label_sets)}"))
+        kinds = [ln.kind for ln in noise.label]
+        for k in sorted({k for k in kinds if kinds.count(k) > 1}):
+            out.append((("noise", "label"), f"label noise kind {k!r} appears twice; merge its rates into one entry"))
+        corr = [x.corruption for x in noise.input]
+        for c in sorted({c for c in corr if corr.count(c) > 1}):
+            out.append((("noise", "input"), f"corruption {c!r} appears twice; merge its severities into one entry"))
+    if spec.kind == "domain_transfer":
+        if not info.domains:
+            out.append((("dataset", "name"), f"{info.name} has no domains; a domain_transfer needs a multi-domain dataset: "
+                        + ", ".join(n for n, d in catalog.DATASETS.items() if d.domains)))
+        else:
+            for key in ("sources", "targets"):
+                for j, d in enumerate(getattr(spec.transfer, key)):
+                    if d not in info.domains:
+                        out.append((("transfer", key, j), f"unknown domain {d!r} of {info.name}.{did_you_mean(d, info.domains)}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- YAML with positions
+def _yaml():
+    from ruamel.yaml import YAML
+
+    y = YAML(typ="rt")
+    y.allow_duplicate_keys = False
+    return y
+
+
+def _to_plain(node: Any) -> Any:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(node, CommentedMap) or isinstance(node, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _to_plain(v) for k, v in node.items()}
+    if isinstance(node, CommentedSeq) or isinstance(node, list):
+        return [_to_plain(v) for v in node]
+    if hasattr(node, "__float__") and type(node).__name__ == "ScalarFloat":
+        return float(node)
+    if type(node).__name__ in ("ScalarBoolean",):
+        return bool(node)
+    if type(node).__name__ in ("ScalarInt", "HexInt", "OctalInt", "BinaryInt"):
+        return int(node)
+    if type(node).__name__ in ("TaggedScalar",):
+        return str(node.value)
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def _position(doc: Any, loc: tuple) -> tuple[int, int]:
+    """1-based (line, col) of the deepest node of ``loc`` that exists in the YAML document."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    line, col = 1, 1
+    node = doc
+    if hasattr(doc, "lc") and doc.lc.line is not None:
+        line, col = doc.lc.line + 1, doc.lc.col + 1
+    for key in loc:
+        if isinstance(node, CommentedMap) and key in node:
+            ln, cl = node.lc.key(key)
+            line, col = ln + 1, cl + 1
+            child = node[key]
+            # point at the value when it is a scalar on the same line
+            if not isinstance(child, (CommentedMap, CommentedSeq)):
+                try:
+                    vl, vc = node.lc.value(key)
+                    line, col = vl + 1, vc + 1
+                except Exception:  # noqa: BLE001 - positions are best effort
+                    pass
+            node = child
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
+            ln, cl = node.lc.item(key)
+            line, col = ln + 1, cl + 1
+            node = node[key]
+        else:
+            break
+    return line, col
+
+
+_TAGS = set(KINDS) | {"symmetric", "class_dependent", "human"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the discriminator tags and validator names pydantic adds to error locations."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and (part in _TAGS or part.startswith("function-") or part in ("str", "ModelSpec")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _dotted(loc: tuple) -> str:
+    s = ""
+    for part in loc:
+        s += f"[{part}]" if isinstance(part, int) else (f".{part}" if s else str(part))
+    return s
+
+
+def _message(err: dict, data: Any, loc: tuple) -> str:
+    typ, msg = err["type"], err["msg"]
+    if typ == "extra_forbidden":
+        parent = data
+        for part in loc[:-1]:
+            try:
+                parent = parent[part]
+            except Exception:  # noqa: BLE001
+                parent = None
+                break
+        allowed = _allowed_keys(loc[:-1], data)
+        hint = did_you_mean(str(loc[-1]), allowed) if allowed else ""
+        return f"unknown key {loc[-1]!r}.{hint}"
+    if typ == "missing":
+        return "required key is missing"
+    if typ == "union_tag_invalid":
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        got = err.get("ctx", {}).get("tag", "")
+        opts = [t.strip().strip("'") for t in str(tags).split(",")]
+        return f"unknown kind {got!r}.{did_you_mean(str(got), opts)}"
+    if typ == "union_tag_not_found":
+        return "missing key 'kind': one of " + ", ".join(KINDS) if not loc else f"missing key 'kind' ({err.get('ctx', {}).get('discriminator', '')})"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if typ not in ("value_error",) and not isinstance(got, (dict, list)) and got is not None:
+        msg += f" (got {got!r})"
+    return msg
+
+
+def _allowed_keys(loc: tuple, data: Any) -> list[str]:
+    """Field names allowed at ``loc`` (used for 'did you mean' on unknown keys)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    cls = {"depth_sweep": DepthSweepSpec, "noise_sweep": NoiseSweepSpec, "domain_transfer": DomainTransferSpec}.get(kind)
+    if cls is None:
+        return []
+    node: Any = data
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if cls is ModelSpec or cls is InputNoiseSpec:
+                continue
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        node = node.get(part) if isinstance(node, dict) else None
+        ann = field.annotation
+        cls = _model_of(ann, node)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def _model_of(ann: Any, node: Any) -> Any:
+    import typing
+
+    args = typing.get_args(ann)
+    origin = typing.get_origin(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if origin in (list,) and args:
+        return _model_of(args[0], node)
+    if origin is Annotated:
+        return _model_of(args[0], node)
+    if origin is Union or str(origin) == "typing.Union" or origin is type(int | str):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+        # discriminated union: pick by kind of the first list element when known
+        for m in models:
+            return m if not isinstance(node, list) else m
+    for a in args:
+        r = _model_of(a, node)
+        if r is not None:
+            return r
+    return None
+
+
+def parse_yaml_text(text: str, file: str) -> Any:
+    """Parse YAML keeping positions; malformed YAML raises SpecError with its position."""
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        doc = _yaml().load(io.StringIO(text))
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise SpecError([Problem(file, line, col, "", f"malformed YAML: {what}")]) from None
+    except YAMLError as e:
+        raise SpecError([Problem(file, 1, 1, "", f"malformed YAML: {e}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, 1, 1, "", "malformed YAML: nesting too deep")]) from None
+    return doc
+
+
+def read_spec_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError([Problem(str(path), 1, 1, "", "no such file; give the path of a study spec such as specs/digits_depth.yaml")])
+    if p.is_dir():
+        specs = sorted(str(x) for x in p.glob("*.yaml"))
+        hint = f" (it holds {len(specs)} specs: pass them as {p}/*.yaml)" if specs else ""
+        raise SpecError([Problem(str(path), 1, 1, "", f"is a directory, not a spec file{hint}")])
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError([Problem(str(path), 1, 1, "", f"cannot read: {e.strerror}")]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SpecError([Problem(str(path), line, 1, "", "not UTF-8 text; save the spec as UTF-8")]) from None
+
+
+def _set_path(doc: Any, dotted: str, value: Any, override: str) -> None:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    parts: list[Any] = []
+    for tok in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        parts.append(int(tok[1:-1]) if tok.startswith("[") else tok)
+    if not parts:
+        raise PncError(f"--set {override}: empty key path; write --set key.path=value, e.g. --set train.epochs=1")
+    node = doc
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise PncError(f"--set {override}: {_dotted(tuple(parts[: i + 1]))} does not exist")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise PncError(f"--set {override}: {_dotted(tuple(parts[:i]))} is not a mapping")
+            if part not in node or node[part] is None:
+                node[part] = CommentedMap()
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, (list, CommentedSeq)) or last >= len(node):
+            raise PncError(f"--set {override}: index {last} is out of range")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise PncError(f"--set {override}: {_dotted(tuple(parts[:-1]))} is not a mapping")
+        node[last] = value
+
+
+def apply_overrides(doc: Any, overrides: list[str]) -> dict[tuple, str]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) in place; returns loc -> override text."""
+    from ruamel.yaml.error import YAMLError
+
+    applied: dict[tuple, str] = {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise PncError(f"--set {ov}: expected key.path=value, e.g. --set train.epochs=1")
+        key, _, text = ov.partition("=")
+        key = key.strip()
+        try:
+            value = _yaml().load(io.StringIO(text)) if text.strip() else None
+        except YAMLError as e:
+            raise PncError(f"--set {ov}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_path(doc, key, value, ov)
+        loc = tuple(int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key))
+        applied[loc] = ov
+    return applied
+
+
+def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = None) -> Any:
+    """Validate a parsed YAML document; raise SpecError with every problem."""
+    overrides = overrides or {}
+    if doc is None:
+        raise SpecError([Problem(file, 1, 1, "", "empty spec; a study needs at least kind, name, dataset and models")])
+    if not isinstance(doc, dict):
+        line, col = _position(doc, ())
+        raise SpecError([Problem(file, line, col, "", f"the document must be a mapping of keys (kind, name, dataset, ...), not a {'list' if isinstance(doc, list) else type(doc).__name__}")])
+    data = _to_plain(doc)
+
+    def problem(loc: tuple, msg: str) -> Problem:
+        for oloc, text in overrides.items():
+            if loc[: len(oloc)] == oloc:
+                return Problem(f"--set {text}", 0, 0, _dotted(loc), msg)
+        line, col = _position(doc, loc)
+        return Problem(file, line, col, _dotted(loc), msg)
+
+    try:
+        spec = _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        problems, seen = [], set()
+        for err in e.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            p = problem(loc, _message(err, data, loc))
+            if str(p) not in seen:
+                seen.add(str(p))
+                problems.append(p)
+        raise SpecError(problems) from None
+    sem = _semantic_problems(spec)
+    if sem:
+        raise SpecError([problem(loc, msg) for loc, msg in sem])
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read, parse and validate a study spec. Raises SpecError (all problems at once) or PncError."""
+    file = str(path)
+    text = read_spec_text(path)
+    doc = parse_yaml_text(text, file)
+    applied = apply_overrides(doc, overrides) if overrides else {}
+    if applied and doc is not None and not isinstance(doc, dict):
+        raise SpecError([Problem(file, 1, 1, "", "the document must be a mapping to apply --set overrides")])
+    return validate_document(doc, file, applied)
+
+
+def spec_digest(spec: Any) -> str:
+    """sha256 of the normalized spec (all defaults filled in), first 16 hex digits."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+def canonical_json(spec: Any) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def flatten_params(spec: Any) -> dict[str, str]:
+    """The normalized spec as flat ``a.b.c -> value`` strings (for MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                walk(f"{prefix}[{i}]", x)
+        else:
+            out[prefix] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+    walk("", spec.model_dump(mode="json"))
+    return out

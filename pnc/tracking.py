@@ -1,0 +1,237 @@
+"""The only module that writes to MLflow: studies, cells, params, metrics, inputs, artifacts, registry.
+
+Conventions (ARCHITECTURE.md): one parent run per study, one nested child run per cell;
+per-layer metrics ``<metric>/<split>`` with step = layer index (0 = first tapped layer);
+per-epoch ``train/loss`` and ``train/acc`` with step = epoch. Tags ``pnc.*`` identify the
+study, spec file and digest, cell id and the digest of the data a cell read, so a finished cell
+is found again and skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import __version__
+
+TAG_STUDY = "pnc.study"
+TAG_ROLE = "pnc.role"  # "study" (parent), "cell", "transfer"
+TAG_CELL = "pnc.cell_id"
+TAG_CELL_NAME = "pnc.cell"
+TAG_DATA = "pnc.data_digest"
+TAG_SPEC = "pnc.spec_path"
+TAG_SPEC_DIGEST = "pnc.spec_digest"
+TAG_FAILURE = "pnc.failure"
+
+_MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the project's SQLite store ``mlflow.db`` in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
+
+
+def _prepare_sqlite(uri: str) -> None:
+    """WAL journal + busy timeout so that several pnc processes can share one local store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri[len("sqlite:///"):]
+    import sqlite3
+
+    for attempt in range(20):
+        try:
+            con = sqlite3.connect(path, timeout=30)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+            finally:
+                con.close()
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.2 * (attempt + 1))
+
+
+_CLIENT = None
+
+
+def client():
+    """An MlflowClient on :func:`tracking_uri` (created once per process)."""
+    global _CLIENT
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if _CLIENT is None or _CLIENT._tracking_client.tracking_uri != uri:
+        _prepare_sqlite(uri)
+        mlflow.set_tracking_uri(uri)
+        _CLIENT = _retrying(lambda: MlflowClient(tracking_uri=uri))
+    return _CLIENT
+
+
+def _retrying(fn, attempts: int = 8):
+    """Retry transient store errors ('database is locked') with backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - only lock errors are retried
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.25 * 2**i)
+
+
+def git_state() -> dict[str, str]:
+    """Commit of the working tree and whether it has uncommitted changes."""
+    out = {"pnc.version": __version__}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["pnc.git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+            out["pnc.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = _retrying(lambda: c.get_experiment_by_name(name))
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            _retrying(lambda: c.restore_experiment(exp.experiment_id))
+        return exp.experiment_id
+    try:
+        return _retrying(lambda: c.create_experiment(name))
+    except Exception:  # noqa: BLE001 - a concurrent process created it first
+        return _retrying(lambda: c.get_experiment_by_name(name)).experiment_id
+
+
+def _search(exp_id: str, filter_string: str, max_results: int = 1000) -> list:
+    c = client()
+    return _retrying(lambda: c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
+                                           order_by=["attributes.start_time DESC"]))
+
+
+def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
+    """The study's parent run (reused across invocations: running a study twice adds no runs)."""
+    c = client()
+    runs = _search(exp_id, f"tags.`{TAG_STUDY}` = '{study}' and tags.`{TAG_ROLE}` = 'study'")
+    if runs:
+        run_id = runs[0].info.run_id
+        log_tags(run_id, tags)
+        return run_id
+    run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
+    return run.info.run_id
+
+
+def find_cell_run(exp_id: str, cell_id: str, role: str = "cell", extra: str = "") -> Any | None:
+    """The newest run of a cell (any status), or None."""
+    runs = _search(exp_id, f"tags.`{TAG_CELL}` = '{cell_id}' and tags.`{TAG_ROLE}` = '{role}'{extra}")
+    return runs[0] if runs else None
+
+
+def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
+                   run_name: str | None = None, reuse: Any | None = None) -> str:
+    """A nested child run for a cell; ``reuse`` continues an unfinished run instead of creating one."""
+    c = client()
+    all_tags = {"mlflow.parentRunId": parent_id, TAG_ROLE: role, TAG_CELL: cell.id, TAG_CELL_NAME: cell.name,
+                TAG_STUDY: cell.study, **tags}
+    if reuse is not None:
+        run_id = reuse.info.run_id
+        _retrying(lambda: c.update_run(run_id, status="RUNNING"))
+        log_tags(run_id, all_tags)
+        return run_id
+    run = _retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=all_tags))
+    return run.info.run_id
+
+
+def log_tags(run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client()
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), 90):
+        _retrying(lambda: c.log_batch(run_id, tags=items[i:i + 90]))
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params, skipping ones already logged with the same value (resumed runs)."""
+    from mlflow.entities import Param
+
+    c = client()
+    have = _retrying(lambda: c.get_run(run_id)).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if have.get(k) != str(v)[:6000]]
+    for i in range(0, len(items), 90):
+        _retrying(lambda: c.log_batch(run_id, params=items[i:i + 90]))
+
+
+def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    c = client()
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+    for i in range(0, len(items), _MAX_BATCH):
+        _retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+
+
+def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
+    """Per-layer curves: ``key`` -> values per layer, logged with step = layer index."""
+    import math
+
+    from mlflow.entities import Metric
+
+    c = client()
+    ts = int(time.time() * 1000)
+    items = []
+    for key, values in results.items():
+        for layer, v in enumerate(values):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            items.append(Metric(key, float(v), ts, layer))
+    for i in range(0, len(items), _MAX_BATCH):
+        _retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+
+
+def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
+    """One MLflow dataset input per split read: digest, source (path + DVC stage), context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    c = client()
+    items = []
+    for inp in inputs:
+        source = json.dumps({"uri": inp.path, "dvc_stage": inp.stage}, sort_keys=True)
+        ds = Dataset(name=inp.name, digest=inp.digest[:36], source_type="local", source=source)
+        items.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", inp.context)]))
+    if items:
+        _retrying(lambda: c.log_inputs(run_id, datasets=items))
+
+
+def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary folder, then upload it under ``name`` (never half-written)."""
+    c = client()
+    with tempfile.TemporaryDirectory(prefix="pnc-artifact-") as d:
+        path = Path(d) / name
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        _retrying(lambda: c.log_artifact(run_id, str(path)))
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    c = client()
+    _retrying(lambda: c.set_terminated(run_id, status=status))
+
+
+def layer_history(run_id: str, key: str) -> list[float]:
+    """A per-layer curve back from MLflow, ordered by layer (step)."""
+    c = client()
+    hist = _retrying(lambda: c.get_metric_history(run_id, key))
+    by_step: dict[int, float] = {}
+    for m in sorted(hist, key=lambda m: m.timestamp):
+        by_step[m.step] = m.value
+    return [by_step[s] for s in sorted(by_step)]
