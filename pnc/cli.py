@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--cell", action="append", default=[], metavar="ID", help="run only this cell (id or name; repeatable)")
             r.add_argument("--force", action="store_true", help="re-run cells that already finished")
             r.add_argument("--no-progress", action="store_true", help="no progress bars")
+            r.add_argument("--results", metavar="PATH", help="also write a JSON summary of the cells (the DVC stage output)")
 
     rep = sub.add_parser("report", help="draw a study's figures from MLflow into reports/<study>/")
     rep.add_argument("specs", nargs="*", metavar="SPEC")
@@ -135,7 +136,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cells = [find_cell(cells, key) for key in args.cell]
     from .runner import run_study  # heavy imports only now
 
-    return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress)
+    return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress,
+                     results_path=args.results)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -441,21 +441,23 @@ def _to_plain(node: Any) -> Any:
     return node
 
 
-def _position(doc: Any, loc: tuple) -> tuple[int, int]:
-    """1-based (line, col) of the deepest node of ``loc`` that exists in the YAML document."""
+def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
+    """1-based (line, col) of the deepest node of ``loc`` that exists in the YAML document
+    (of the key itself rather than its value when ``at_key``)."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     line, col = 1, 1
     node = doc
     if hasattr(doc, "lc") and doc.lc.line is not None:
         line, col = doc.lc.line + 1, doc.lc.col + 1
-    for key in loc:
+    for depth, key in enumerate(loc):
+        last_key = at_key and depth == len(loc) - 1
         if isinstance(node, CommentedMap) and key in node:
             ln, cl = node.lc.key(key)
             line, col = ln + 1, cl + 1
             child = node[key]
             # point at the value when it is a scalar on the same line
-            if not isinstance(child, (CommentedMap, CommentedSeq)):
+            if not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
                 try:
                     vl, vc = node.lc.value(key)
                     line, col = vl + 1, vc + 1
@@ -668,11 +670,11 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
         raise SpecError([Problem(file, line, col, "", f"the document must be a mapping of keys (kind, name, dataset, ...), not a {'list' if isinstance(doc, list) else type(doc).__name__}")])
     data = _to_plain(doc)
 
-    def problem(loc: tuple, msg: str) -> Problem:
+    def problem(loc: tuple, msg: str, at_key: bool = False) -> Problem:
         for oloc, text in overrides.items():
             if loc[: len(oloc)] == oloc:
                 return Problem(f"--set {text}", 0, 0, _dotted(loc), msg)
-        line, col = _position(doc, loc)
+        line, col = _position(doc, loc, at_key)
         return Problem(file, line, col, _dotted(loc), msg)
 
     try:
@@ -681,7 +683,7 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
         problems, seen = [], set()
         for err in e.errors():
             loc = _clean_loc(tuple(err["loc"]))
-            p = problem(loc, _message(err, data, loc))
+            p = problem(loc, _message(err, data, loc), at_key=err["type"] == "extra_forbidden")
             if str(p) not in seen:
                 seen.add(str(p))
                 problems.append(p)

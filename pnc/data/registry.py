@@ -112,7 +112,7 @@ def derived_dir(study: str, tag: str, root: Path = DERIVED_ROOT) -> Path:
 def _human_labels(spec: Any, train: ImageSplit) -> dict[str, np.ndarray]:
     from .cifar10n import load_cifar_n
 
-    return load_cifar_n(None, dataset=spec.dataset.name, train_labels=train.labels)
+    return load_cifar_n(spec.dataset.root, dataset=spec.dataset.name, train_labels=train.labels)
 
 
 def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path) -> Path:
@@ -127,9 +127,9 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
                 return out
         except DataError:
             pass
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"base_name": spec.dataset.name}
     if setting.kind == "human":
-        kwargs["human_labels"] = _human_labels(spec, base_train)
+        kwargs["label_sets"] = _human_labels(spec, base_train)
     split, manifest = derive_split(base_train, transform=setting.kind, level=setting.level, seed=spec.noise.seed, **kwargs)
     manifest = dict(manifest, base_digest=base_digest, base_name=base_train.name, study=spec.name, setting=setting.tag)
     write_split(out, split, manifest)
