@@ -83,7 +83,7 @@ def _curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color
         d = d[d.value > 0]
     y = alt.Y("value:Q", title=title, scale=alt.Scale(type="log") if log else alt.Undefined)
     base = alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
-        x=alt.X("layer:Q", title="layer (tapped block)"),
+        x=alt.X("layer:Q", title="layer (tapped block)", axis=alt.Axis(tickMinStep=1, format="d")),
         y=y,
         color=alt.Color(f"{color}:N", sort=color_sort, title=color),
         tooltip=["cell", "layer", alt.Tooltip("value:Q", format=".4g")],

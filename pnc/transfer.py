@@ -1,0 +1,298 @@
+"""Domain transfer through the MLflow model registry (paper sec. 4.3, Figure 3).
+
+For each (model, source domain) cell: train on the source and register the network in the
+model registry (tags: study, source, cell id, spec and data digests; aliases ``latest`` and
+``src-<source>``), or reuse a registered version with the same cell id and data digest. Then,
+for each target domain, load that version by URI (``models:/<name>/<version>``), measure
+every layer's CDNV and NC2 on the target training split and train layer-wise linear probes on
+``probe.samples_per_class`` target samples per class, scored on the held-out target split.
+Each (source, target) pair is one child run whose input model is the registered version.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PncError, TrainingError
+
+
+def registered_name(spec: Any, cell: Any) -> str:
+    if spec.tracking.registered_model and len(spec.models) == 1:
+        return spec.tracking.registered_model
+    base = spec.tracking.registered_model or spec.name
+    return f"{base}-{cell.model.name}"
+
+
+def _alias(source: str) -> str:
+    return "src-" + re.sub(r"[^A-Za-z0-9_-]", "_", source)
+
+
+def find_registered(name: str, cell_id: str, digest: str) -> Any | None:
+    """The newest registered version of ``name`` trained for this cell on this data, or None."""
+    from . import tracking
+
+    c = tracking.client()
+    try:
+        versions = tracking._retrying(lambda: c.search_model_versions(f"name='{name}'"))
+    except Exception:  # noqa: BLE001 - no such registered model yet
+        return None
+    hits = [v for v in versions if v.tags.get(tracking.TAG_CELL) == cell_id and v.tags.get(tracking.TAG_DATA) == digest
+            and v.status == "READY"]
+    return max(hits, key=lambda v: int(v.version)) if hits else None
+
+
+def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> Any:
+    """Log ``net`` to ``run_id`` and register it as a new version of ``name`` with tags and aliases."""
+    import mlflow
+    import mlflow.pytorch
+
+    from . import tracking
+
+    c = tracking.client()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", pip_requirements=["torch", "torchvision", "timm"])
+    try:
+        tracking._retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))
+    except Exception:  # noqa: BLE001 - exists already
+        pass
+    mv = tracking._retrying(lambda: c.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id))
+    for alias in ("latest", _alias(source)):
+        tracking._retrying(lambda: c.set_registered_model_alias(name, alias, mv.version))
+    return mv
+
+
+def load_registered(uri: str):
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(uri, map_location="cpu")
+
+
+def per_class_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Indices of ``k`` samples per class (seeded; all of a class when it has fewer)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        out.append(np.sort(rng.permutation(idx)[:k]))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
+                       results_path: str | None = None) -> int:
+    from . import tracking
+    from .data.registry import load_cell_data
+    from .data.torchdata import ImageDataset
+    from .runner import (CHECKPOINT_ROOT, CellOutcome, Terminated, _on_sigterm, _train_cell, _write_results, cell_params,
+                         cell_tags, data_digest, measure_model)
+    from .spec import spec_digest
+    from .train import make_accelerator
+
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    progress = progress and sys.stderr.isatty()
+    accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
+    main = accelerator.is_main_process
+    info = spec.dataset.info
+    size, ch = spec.dataset.size, info.channels
+    domains = list(dict.fromkeys([*spec.transfer.sources, *spec.transfer.targets]))
+    # Data first: every domain's splits, before any model is built or run created.
+    data = {d: load_cell_data(spec, cells[0], domain=d) for d in domains}
+    exp_id = tracking.experiment_id(spec.experiment) if main else None
+    parent = None
+    if main:
+        parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+                                                          "pnc.kind": spec.kind, **tracking.git_state()})
+    outcomes: list[CellOutcome] = []
+    k = spec.probe.samples_per_class
+    try:
+        for i, cell in enumerate(cells):
+            src = data[cell.source]
+            digest = data_digest(src.inputs)
+            name = registered_name(spec, cell)
+            mv = None if force else find_registered(name, cell.id, digest) if main else None
+            t0 = time.time()
+            summary: dict = {"registered_model": name}
+            net = None
+            if main and mv is not None:
+                print(f"[{i + 1}/{len(cells)}] {cell.name}: reusing registered model {name} v{mv.version}", file=sys.stderr)
+                run_id = mv.run_id
+            else:
+                run_id = None
+                if main:
+                    prev = tracking.find_cell_run(exp_id, cell.id)
+                    reuse = prev if prev is not None and prev.info.status != "FINISHED" and prev.data.tags.get(tracking.TAG_DATA) == digest else None
+                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+                            **cell_tags(spec, cell), **tracking.git_state()}
+                    run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse, run_name=f"{cell.name} (source training)")
+                    tracking.log_params(run_id, cell_params(spec, cell))
+                    tracking.log_inputs(run_id, [] if reuse else src.inputs)
+                    print(f"[{i + 1}/{len(cells)}] {cell.name}: training on {cell.source} (run {run_id})", file=sys.stderr)
+                if accelerator.num_processes > 1:
+                    from accelerate.utils import broadcast_object_list
+
+                    box = [run_id]
+                    broadcast_object_list(box)
+                    run_id = box[0]
+
+                def on_epoch(epoch: int, loss: float, acc: float, _run=run_id) -> None:
+                    tracking.log_metrics(_run, {"train/loss": loss, "train/acc": acc}, step=epoch)
+
+                try:
+                    model, result, ckpt = _train_cell(spec, cell, src, accelerator=accelerator, run_id=run_id, progress=progress,
+                                                      on_epoch=on_epoch if main else None)
+                except TrainingError as e:
+                    if main:
+                        tracking.log_tags(run_id, {tracking.TAG_FAILURE: str(e)})
+                        tracking.end_run(run_id, "FAILED")
+                        ckpt = CHECKPOINT_ROOT / spec.experiment / f"{cell.id}.pt"
+                        if ckpt.exists():
+                            ckpt.unlink()
+                    outcomes.append(CellOutcome(cell, "FAILED", run_id, reason=str(e)))
+                    continue
+                except BaseException:
+                    if main and run_id:
+                        tracking.end_run(run_id, "KILLED")
+                    raise
+                net = accelerator.unwrap_model(model)
+                if main:
+                    tracking.log_metrics(run_id, {"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss})
+                    vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, tracking.TAG_DATA: digest,
+                             tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
+                    mv = register(net, run_id, name, vtags, cell.source)
+                    tracking.end_run(run_id, "FINISHED")
+                    if ckpt.exists():
+                        ckpt.unlink()
+                    print(f"  trained in {time.time() - t0:.0f}s (train acc {result.acc:.4f}); registered {name} v{mv.version}", file=sys.stderr)
+                summary["trained"] = True
+            version = mv.version if main else None
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                box = [version]
+                broadcast_object_list(box)
+                version = box[0]
+            uri = f"models:/{name}/{version}"
+            if net is None:
+                net = load_registered(uri)
+            net = net.to(accelerator.device)
+            summary.update({"model_uri": uri, "source_run_id": run_id, "targets": {}})
+            for target in cell.targets:
+                tdat = data[target]
+                tdigest = data_digest(tdat.inputs)
+                tcell_id = f"{cell.id}:{target}"
+                trun = None
+                if main:
+                    prev = tracking.find_cell_run(exp_id, tcell_id, role="transfer")
+                    if (prev is not None and prev.info.status == "FINISHED" and prev.data.tags.get("pnc.model_uri") == uri
+                            and prev.data.tags.get(tracking.TAG_DATA) == tdigest and not force):
+                        summary["targets"][target] = {"run_id": prev.info.run_id, "status": "SKIPPED"}
+                        print(f"  {cell.source} -> {target}: finished earlier (run {prev.info.run_id}), skipped", file=sys.stderr)
+                        trun = "skip"
+                    else:
+                        reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
+                        from .study import Cell
+
+                        tc = Cell(cell.study, cell.kind, cell.model, cell.axes + (("target", target),), cell.config + target,
+                                  source=cell.source, targets=(target,))
+                        tags = {tracking.TAG_DATA: tdigest, "source": cell.source, "target": target, "pnc.model_uri": uri,
+                                "pnc.model": cell.model.name, "pnc.depth": cell_tags(spec, cell)["pnc.depth"],
+                                tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), **tracking.git_state()}
+                        trun = tracking.start_cell_run(exp_id, parent, tc, tags, role="transfer", reuse=reuse,
+                                                       run_name=f"{cell.model.name}: {cell.source} -> {target}")
+                        tracking.client().set_tag(trun, tracking.TAG_CELL, tcell_id)
+                        tracking.log_params(trun, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
+                        if reuse is None:
+                            tracking.log_inputs(trun, tdat.inputs)
+                            _log_model_input(trun, mv)
+                if accelerator.num_processes > 1:
+                    from accelerate.utils import broadcast_object_list
+
+                    box = [trun]
+                    broadcast_object_list(box)
+                    trun = box[0]
+                if trun == "skip":
+                    continue
+                try:
+                    res = _measure_target(net, spec, tdat, accelerator=accelerator, k=k, progress=progress)
+                except BaseException:
+                    if main:
+                        tracking.end_run(trun, "KILLED")
+                    raise
+                if main:
+                    tracking.log_layer_metrics(trun, res["layers"])
+                    finals = {"final/probe_acc_target_test": res["layers"]["probe_acc/target_test"][-1],
+                              "best/probe_acc_target_test": max(res["layers"]["probe_acc/target_test"]),
+                              "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}
+                    tracking.log_metrics(trun, finals)
+                    tracking.log_json_artifact(trun, "layers.json", {str(j): n for j, n in enumerate(res["names"])})
+                    tracking.end_run(trun, "FINISHED")
+                    summary["targets"][target] = {"run_id": trun, **finals}
+                    print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
+                          f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
+            outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
+    except KeyboardInterrupt:
+        if main and parent:
+            tracking.end_run(parent, "KILLED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    if main:
+        _log_transfer_summary(parent, spec)
+        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
+        if results_path:
+            _write_results(Path(results_path), spec, outcomes)
+        for o in failed:
+            print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _log_model_input(run_id: str, mv: Any) -> None:
+    from mlflow.entities import LoggedModelInput
+
+    from . import tracking
+
+    if getattr(mv, "model_id", None):
+        tracking._retrying(lambda: tracking.client().log_inputs(run_id, models=[LoggedModelInput(mv.model_id)]))
+    tracking.log_tags(run_id, {"pnc.registered_model": mv.name, "pnc.registered_version": mv.version})
+
+
+def _measure_target(net, spec: Any, tdat: Any, *, accelerator, k: int | None, progress: bool) -> dict:
+    """CDNV/NC2 on the whole target training split; probes on k samples per class of it, scored on target test."""
+    from .data.torchdata import ImageDataset
+    from .runner import measure_model
+
+    info = spec.dataset.info
+    size, ch = spec.dataset.size, info.channels
+    train_ds = ImageDataset(tdat.train, image_size=size, channels=ch)
+    test_ds = ImageDataset(tdat.test, image_size=size, channels=ch)
+    collapse_spec = spec.model_copy(update={"measure": spec.measure.model_copy(update={"metrics": [m for m in spec.measure.metrics if m != "probe"]})})
+    layers, names, accs = measure_model(net, collapse_spec, {"train": train_ds}, accelerator=accelerator,
+                                        num_classes=info.num_classes, label_names=("label",), progress=progress)
+    out = {k2.replace("/train", "/target"): v for k2, v in layers.items() if k2.endswith("/train")}
+    sub = tdat.train.subset(per_class_subset(tdat.train.labels, k, spec.train.seed)) if k else tdat.train
+    probe_ds = ImageDataset(sub, image_size=size, channels=ch)
+    probe_spec = spec.model_copy(update={"measure": spec.measure.model_copy(update={"metrics": ["probe"]})})
+    players, _, paccs = measure_model(net, probe_spec, {"train": probe_ds, "test": test_ds}, accelerator=accelerator,
+                                      num_classes=info.num_classes, label_names=("label",), progress=progress)
+    out["probe_acc/target_test"] = players["probe_acc/test"]
+    return {"layers": out, "names": names, "head_acc": paccs.get("test", float("nan"))}
+
+
+def _log_transfer_summary(parent: str, spec: Any) -> None:
+    """Parent-run metrics: per-layer rank correlation across sources of target collapse vs probe accuracy."""
+    try:
+        from .analysis import transfer_correlations
+
+        stats = transfer_correlations(spec)
+    except Exception as e:  # noqa: BLE001 - the summary is informative only
+        print(f"  (transfer summary skipped: {e})", file=sys.stderr)
+        return
+    from . import tracking
+
+    tracking.log_layer_metrics(parent, {k: v for k, v in stats.items() if isinstance(v, list)})
