@@ -342,9 +342,14 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                     print(f"  FAILED: {e}", file=sys.stderr)
                 outcomes.append(CellOutcome(cell, "FAILED", run_id, reason=str(e)))
                 continue
-            except BaseException:
+            except KeyboardInterrupt:
                 if main and run_id:
                     tracking.end_run(run_id, "KILLED")
+                raise
+            except BaseException as e:
+                if main and run_id:
+                    tracking.log_tags(run_id, {tracking.TAG_FAILURE: f"{type(e).__name__}: {e}"[:5000]})
+                    tracking.end_run(run_id, "FAILED")
                 raise
             if main:
                 tracking.end_run(run_id, "FINISHED")

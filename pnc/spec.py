@@ -380,6 +380,8 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
             ok = catalog.cifar_resnet_depth(m.name) is not None if m.source == "pnc" else m.name in libs.get(m.source, ())
             if not ok:
                 out.append((("models", i, "source"), f"{m.name!r} is not a {m.source} model (it resolves to {catalog.model_source(m.name)})"))
+        if m.resolved_source == "pnc" and m.cifar_stem is False:
+            out.append((("models", i, "cifar_stem"), f"{m.name} is one of pnc's CIFAR ResNets, which always have the 3x3 stem; remove cifar_stem"))
         if m.weights is not None and not m.pretrained:
             out.append((("models", i, "weights"), "weights is given but pretrained is false; set pretrained: true or remove weights"))
     if spec.kind == "noise_sweep":
