@@ -104,6 +104,8 @@ def model_source(name: str) -> str | None:
     for src in ("torchvision", "timm"):
         if name in libs.get(src, ()):
             return src
+    if "." in name and name.split(".", 1)[0] in libs.get("timm", ()):  # timm names with a weights tag
+        return "timm"
     return None
 
 

@@ -220,6 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `pnc schema | head`
         return 0
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, keep the traceback in a file
+        import traceback
+
+        log = Path(".pnc") / "last-error.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+            where = f"; traceback in {log}"
+        except OSError:
+            where = ""
+        print(f"pnc: internal error: {type(e).__name__}: {e}{where}. Please report it.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

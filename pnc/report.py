@@ -140,6 +140,10 @@ def _figure(stem: str) -> str:
             f"<img src='{stem}.png' alt='{html.escape(stem)}'>")
 
 
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
 
@@ -160,9 +164,23 @@ def _render_depth(spec: Any, folder: Path) -> list[tuple[str, str]]:
         _save(ch, folder, "extra")
         sections.append(("NC1 and nearest-class-centre accuracy", _figure("extra")))
     runs = run_frame(spec.experiment)
-    cols = [c for c in ["pnc.model", "train/final_acc", "test/acc", "final/probe_acc_test", "best/probe_acc_test"] if c in runs]
+    cols = [c for c in ["pnc.model", "train/final_acc", "test/acc", "val/acc", "test/holdout_acc", "final/probe_acc_test",
+                        "best/probe_acc_test"] if c in runs]
     if cols:
         sections.append(("Final accuracies per model", _table(runs[cols].sort_values(cols[0]))))
+    summary = study_summary(spec)
+    det = summary["details"]
+    if det.get("transitions"):
+        t = pd.DataFrame([{"model": m, **{k: v for k, v in d.items() if k != "slopes"},
+                           "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in d["slopes"])}
+                          for m, d in det["transitions"].items()])
+        sections.append(("Transition phase (segmented fit of log CDNV; see README)", _table(t)))
+    if det.get("efficient_depth"):
+        e = det["efficient_depth"]
+        text = (f"<p>Smallest depth whose CDNV curve shows the transition: <b>{e['transition_depth']}</b>; depth the "
+                f"validation half of the test split picks: <b>{e['validation_depth']}</b>; holdout test accuracy given up by "
+                f"the intrinsic choice: <b>{_fmt(e['cost'])}</b>.</p>")
+        sections.append(("Efficient depth", text + _table(pd.DataFrame(e["per_depth"]))))
     return sections
 
 
@@ -179,9 +197,16 @@ def _render_noise(spec: Any, folder: Path) -> list[tuple[str, str]]:
         _save(noise_chart(sub, f"{spec.name}: {kind}"), folder, stem)
         sections.append((f"{kind}: collapse on noisy data, memorization ratio, probe accuracy", _figure(stem)))
     runs = run_frame(spec.experiment)
-    cols = [c for c in ["pnc.model", "pnc.noise", "noise/realized_rate", "train/final_acc", "test/acc", "pnc.memorization_layers"] if c in runs]
+    cols = [c for c in ["pnc.model", "pnc.noise", "noise/realized_rate", "train/final_acc", "train/clean_input_acc", "test/acc",
+                        "pnc.memorization_layers"] if c in runs]
     if cols:
         sections.append(("Memorization layers and final accuracies per cell", _table(runs[cols].sort_values(cols[:2]))))
+    maps = study_summary(spec)["details"].get("noise_maps")
+    if maps:
+        t = pd.DataFrame([{"model / kind": k, "slope": v["slope"], "intercept": v["intercept"],
+                           "leave-one-level-out MAE": v["loo_mae"], "levels": ", ".join(f"{x:g}" for x in v["levels"])}
+                          for k, v in maps.items()])
+        sections.append(("Noise-level estimation from the intermediate-layer CDNV profile", _table(t)))
     return sections
 
 
@@ -232,3 +257,77 @@ def render_index(out: Path) -> Path:
     tmp.write_text(page)
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------- study-level analyses
+def study_summary(spec: Any) -> dict:
+    """The paper's proposed analyses for one study, from MLflow: {"metrics": {...}, "tags": {...}, "details": {...}}.
+
+    depth_sweep: transition per model and the efficient depth; noise_sweep: the per-(model, kind)
+    noise-level map and its leave-one-level-out error; domain_transfer: per-layer rank correlation.
+    """
+    from . import analysis
+
+    metrics: dict[str, Any] = {}
+    tags: dict[str, str] = {}
+    details: dict[str, Any] = {}
+    if spec.kind == "depth_sweep":
+        df = layer_frame(spec.experiment, ["cdnv/train"])
+        runs = run_frame(spec.experiment)
+        if df.empty or runs.empty:
+            return {"metrics": metrics, "tags": tags, "details": details}
+        rows = []
+        for model, d in df.groupby("model"):
+            r = runs[runs["pnc.model"] == model]
+            if r.empty or "val/acc" not in r:
+                continue
+            r = r.iloc[-1]
+            curve = d.sort_values("layer").value.tolist()
+            t = analysis.detect_transition(curve)
+            details.setdefault("transitions", {})[model] = t.as_dict()
+            tags[f"pnc.transition.{model}"] = (f"layers {t.start}-{t.end} (confidence {t.confidence:.2f})" if t.found
+                                              else f"none: {t.reason}")
+            rows.append((int(d.depth.iloc[0]), model, curve, float(r["val/acc"]), float(r["test/holdout_acc"])))
+        if rows:
+            rows.sort()
+            e = analysis.efficient_depth([x[0] for x in rows], [x[2] for x in rows], [x[3] for x in rows], [x[4] for x in rows])
+            details["efficient_depth"] = e.as_dict()
+            metrics["efficient_depth/validation"] = e.validation_depth
+            if e.transition_depth is not None:
+                metrics["efficient_depth/transition"] = e.transition_depth
+                metrics["efficient_depth/test_acc_cost"] = e.cost
+            tags["pnc.efficient_depth"] = (f"transition: {e.transition_depth}, validation: {e.validation_depth}, "
+                                           f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
+    elif spec.kind == "noise_sweep":
+        df = layer_frame(spec.experiment, ["cdnv/train_noisy"])
+        if df.empty:
+            return {"metrics": metrics, "tags": tags, "details": details}
+        maps = {}
+        for model, dm in df.groupby("model"):
+            for kind in [k for k in dm.noise_kind.unique() if k != "clean"]:
+                sub = dm[(dm.noise_kind == kind) | (dm.noise == "clean")]
+                levels, curves = [], []
+                for noise, dn in sub.groupby("noise"):
+                    lv = 0.0 if noise == "clean" else dn.noise_level.iloc[0]
+                    try:
+                        levels.append(float(lv))
+                    except ValueError:  # human label sets: use the realised noise rate instead
+                        levels = []
+                        break
+                    curves.append(dn.sort_values("layer").value.tolist())
+                if len(levels) < 2:
+                    continue
+                m = analysis.fit_noise_map(model, kind, levels, curves)
+                maps[f"{model}/{kind}"] = m.as_dict()
+                if m.loo_abs_errors:
+                    metrics[f"noise_map/{model}/{kind}/loo_mae"] = m.loo_mae
+                metrics[f"noise_map/{model}/{kind}/slope"] = m.slope
+        details["noise_maps"] = maps
+    elif spec.kind == "domain_transfer":
+        corr = analysis.transfer_correlations(spec)
+        details["transfer_correlation"] = corr
+        rho = [r for r in corr.get("transfer/spearman", []) if r == r]
+        if rho:
+            metrics["transfer/spearman_final_layer"] = corr["transfer/spearman"][-1]
+            metrics["transfer/spearman_mean"] = sum(rho) / len(rho)
+    return {"metrics": {k: float(v) for k, v in metrics.items() if v is not None}, "tags": tags, "details": details}

@@ -94,6 +94,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     from .data.torchdata import shard_loader
     from .features import FeatureExtractor
     from .metrics import measure
+    from .metrics.probes import validation_part
 
     net = accelerator.unwrap_model(model).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -105,16 +106,21 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
         ds = splits[role]
         loader = shard_loader(ds, batch_size=spec.measure.batch_size, rank=rank, world=world, num_workers=spec.train.num_workers)
         for x, y, idx in loader:
-            current["split"], current["y"] = (role if count else None), y[:, 0]
+            current["split"], current["y"], current["idx"] = (role if count else None), y[:, 0], idx
             yield x.to(accelerator.device), y.to(accelerator.device), idx.to(accelerator.device)
 
     def extract(x):
         with accelerator.autocast():
             logits, feats = extractor(x)
         if current["split"] is not None:
-            pred = logits.argmax(1).cpu()
-            t = acc_counts.setdefault(current["split"], torch.zeros(2, dtype=torch.float64))
-            t += torch.tensor([(pred == current["y"]).sum().item(), pred.numel()], dtype=torch.float64)
+            ok = (logits.argmax(1).cpu() == current["y"]).double()
+            parts = {current["split"]: torch.ones_like(ok)}
+            if current["split"] == "test":  # two seeded halves: one picks (validation), the other scores (holdout)
+                half = validation_part(current["idx"], 0.5, spec.train.seed).double()
+                parts.update({"test_val": half, "test_holdout": 1.0 - half})
+            for name, w in parts.items():
+                t = acc_counts.setdefault(name, torch.zeros(2, dtype=torch.float64))
+                t += torch.stack([(ok * w).sum(), w.sum()])
         return {k: v.float() for k, v in feats.items()}
 
     evals = {}
@@ -238,7 +244,8 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
         summary["best_probe_acc"] = max(results[probe_key])
     if main:
         tracking.log_layer_metrics(run_id, results)
-        finals = {"train/final_acc": accs.get("train"), "test/acc": accs.get("test"), "train/last_epoch_acc": result.acc,
+        finals = {"train/final_acc": accs.get("train"), "test/acc": accs.get("test"), "val/acc": accs.get("test_val"),
+                  "test/holdout_acc": accs.get("test_holdout"), "train/last_epoch_acc": result.acc,
                   "train/last_epoch_loss": result.loss, "layers/count": len(names)}
         if probe_key in results:
             finals.update({"final/probe_acc_test": summary["final_probe_acc"], "best/probe_acc_test": summary["best_probe_acc"]})
@@ -259,6 +266,26 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
         ckpt.unlink()
     summary["memorization_layers"] = mem_layers
     return summary
+
+
+def log_study_summary(spec: Any, parent: str) -> None:
+    """The paper's proposed analyses (transition, efficient depth, noise map, transfer correlation) on the parent run."""
+    from . import tracking
+    from .report import study_summary
+
+    try:
+        summary = study_summary(spec)
+    except Exception as e:  # noqa: BLE001 - an analysis that cannot run must not fail the study
+        print(f"  (study analyses skipped: {type(e).__name__}: {e})", file=sys.stderr)
+        return
+    tracking.log_metrics(parent, summary["metrics"])
+    tracking.log_tags(parent, summary["tags"])
+    corr = summary["details"].get("transfer_correlation")
+    if corr:
+        tracking.log_layer_metrics(parent, corr)
+    tracking.log_json_artifact(parent, "analysis.json", summary["details"])
+    for k, v in summary["tags"].items():
+        print(f"  {k}: {v}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -366,6 +393,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
         signal.signal(signal.SIGTERM, old_term)
     failed = [o for o in outcomes if o.status == "FAILED"]
     if main:
+        log_study_summary(spec, parent)
         tracking.end_run(parent, "FAILED" if failed else "FINISHED")
         if results_path:
             _write_results(Path(results_path), spec, outcomes)

@@ -29,6 +29,9 @@ TAG_FAILURE = "pnc.failure"
 
 _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 
+# pnc's machines have no network: MLflow's usage telemetry would only wait for time-outs.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else the project's SQLite store ``mlflow.db`` in the working directory."""

@@ -1,8 +1,8 @@
 """Domain transfer through the MLflow model registry (paper sec. 4.3, Figure 3).
 
 For each (model, source domain) cell: train on the source and register the network in the
-model registry (tags: study, source, cell id, spec and data digests; aliases ``latest`` and
-``src-<source>``), or reuse a registered version with the same cell id and data digest. Then,
+model registry (tags: study, source, cell id, spec and data digests; aliases ``current`` and
+``src-<source>``; MLflow reserves ``latest``), or reuse a registered version with the same cell id and data digest. Then,
 for each target domain, load that version by URI (``models:/<name>/<version>``), measure
 every layer's CDNV and NC2 on the target training split and train layer-wise linear probes on
 ``probe.samples_per_class`` target samples per class, scored on the held-out target split.
@@ -56,13 +56,14 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
 
     c = tracking.client()
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", pip_requirements=["torch", "torchvision", "timm"])
+        info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", serialization_format="pickle",
+                                        pip_requirements=["torch", "torchvision", "timm"])
     try:
         tracking._retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))
     except Exception:  # noqa: BLE001 - exists already
         pass
     mv = tracking._retrying(lambda: c.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id))
-    for alias in ("latest", _alias(source)):
+    for alias in ("current", _alias(source)):
         tracking._retrying(lambda: c.set_registered_model_alias(name, alias, mv.version))
     return mv
 
@@ -163,7 +164,12 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     tracking.log_metrics(run_id, {"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss})
                     vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, tracking.TAG_DATA: digest,
                              tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
-                    mv = register(net, run_id, name, vtags, cell.source)
+                    try:
+                        mv = register(net, run_id, name, vtags, cell.source)
+                    except BaseException as e:
+                        tracking.log_tags(run_id, {tracking.TAG_FAILURE: f"registering the model failed: {e}"[:5000]})
+                        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                        raise
                     tracking.end_run(run_id, "FINISHED")
                     if ckpt.exists():
                         ckpt.unlink()
@@ -243,7 +249,9 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
         signal.signal(signal.SIGTERM, old_term)
     failed = [o for o in outcomes if o.status == "FAILED"]
     if main:
-        _log_transfer_summary(parent, spec)
+        from .runner import log_study_summary
+
+        log_study_summary(spec, parent)
         tracking.end_run(parent, "FAILED" if failed else "FINISHED")
         if results_path:
             _write_results(Path(results_path), spec, outcomes)
@@ -282,17 +290,3 @@ def _measure_target(net, spec: Any, tdat: Any, *, accelerator, k: int | None, pr
                                       num_classes=info.num_classes, label_names=("label",), progress=progress)
     out["probe_acc/target_test"] = players["probe_acc/test"]
     return {"layers": out, "names": names, "head_acc": paccs.get("test", float("nan"))}
-
-
-def _log_transfer_summary(parent: str, spec: Any) -> None:
-    """Parent-run metrics: per-layer rank correlation across sources of target collapse vs probe accuracy."""
-    try:
-        from .analysis import transfer_correlations
-
-        stats = transfer_correlations(spec)
-    except Exception as e:  # noqa: BLE001 - the summary is informative only
-        print(f"  (transfer summary skipped: {e})", file=sys.stderr)
-        return
-    from . import tracking
-
-    tracking.log_layer_metrics(parent, {k: v for k, v in stats.items() if isinstance(v, list)})

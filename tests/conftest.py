@@ -1,0 +1,8 @@
+"""Test-wide settings: one intra-op thread per test process (pytest-xdist runs one process per core),
+no MLflow telemetry (no network here), and a private MLflow store per test session."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")
