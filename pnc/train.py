@@ -26,12 +26,16 @@ PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 def make_accelerator(precision: str = "fp32", grad_accum_steps: int = 1):
     """An Accelerator for this process: GPU when there is one, else CPU (gloo when distributed)."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     cpu = not torch.cuda.is_available()
     mp = PRECISION[precision]
     if cpu and mp == "fp16":
         mp = "no"  # fp16 autocast is GPU-only
-    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=grad_accum_steps)
+    # split_batches: train.batch_size is the global batch, whatever the number of processes, so a study
+    # gives the same optimisation path on 1 or N processes (up to per-process BatchNorm statistics).
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=grad_accum_steps,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +122,9 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
     bar = tqdm(range(start, tspec.epochs), desc=desc, unit="ep", disable=not (progress and accelerator.is_main_process),
                leave=False, dynamic_ncols=True)
     for epoch in bar:
+        # Accelerate's loader re-seeds samplers from its own iteration counter: set it, not just the sampler.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(epoch, tspec)
