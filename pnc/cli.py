@@ -137,7 +137,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_study  # heavy imports only now
 
     return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress,
-                     results_path=args.results)
+                     results_path=args.results, overrides=args.overrides)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -290,7 +290,7 @@ def log_study_summary(spec: Any, parent: str) -> None:
 
 # ----------------------------------------------------------------------------- the study
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
-              results_path: str | None = None) -> int:
+              results_path: str | None = None, overrides: list[str] | None = None) -> int:
     """Run ``cells`` of ``spec``; returns the exit code (0 all finished or skipped, 1 some failed)."""
     from . import tracking
     from .data.registry import load_cell_data
@@ -300,7 +300,8 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
     if spec.kind == "domain_transfer":
         from .transfer import run_transfer_study
 
-        return run_transfer_study(spec, cells, spec_path=spec_path, force=force, progress=progress, results_path=results_path)
+        return run_transfer_study(spec, cells, spec_path=spec_path, force=force, progress=progress, results_path=results_path,
+                                  overrides=overrides)
 
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     progress = progress and sys.stderr.isatty()
@@ -337,7 +338,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                     decision, run_id = "skip", prev.info.run_id
                 else:
                     reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
-                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
                     tags.pop(tracking.TAG_FAILURE, None)
                     run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)

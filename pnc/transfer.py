@@ -10,6 +10,7 @@ Each (source, target) pair is one child run whose input model is the registered 
 """
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -85,7 +86,7 @@ def per_class_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
-                       results_path: str | None = None) -> int:
+                       results_path: str | None = None, overrides: list[str] | None = None) -> int:
     from . import tracking
     from .data.registry import load_cell_data
     from .data.torchdata import ImageDataset
@@ -106,7 +107,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
     exp_id = tracking.experiment_id(spec.experiment) if main else None
     parent = None
     if main:
-        parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+        parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                                                           "pnc.kind": spec.kind, **tracking.git_state()})
     outcomes: list[CellOutcome] = []
     k = spec.probe.samples_per_class
@@ -127,7 +128,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                 if main:
                     prev = tracking.find_cell_run(exp_id, cell.id)
                     reuse = prev if prev is not None and prev.info.status != "FINISHED" and prev.data.tags.get(tracking.TAG_DATA) == digest else None
-                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
                     run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse, run_name=f"{cell.name} (source training)")
                     tracking.log_params(run_id, cell_params(spec, cell))
@@ -207,7 +208,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                                   source=cell.source, targets=(target,))
                         tags = {tracking.TAG_DATA: tdigest, "source": cell.source, "target": target, "pnc.model_uri": uri,
                                 "pnc.model": cell.model.name, "pnc.depth": cell_tags(spec, cell)["pnc.depth"],
-                                tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), **tracking.git_state()}
+                                tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
                         trun = tracking.start_cell_run(exp_id, parent, tc, tags, role="transfer", reuse=reuse,
                                                        run_name=f"{cell.model.name}: {cell.source} -> {target}")
                         tracking.client().set_tag(trun, tracking.TAG_CELL, tcell_id)

@@ -115,7 +115,7 @@ def _human_labels(spec: Any, train: ImageSplit) -> dict[str, np.ndarray]:
     return load_cifar_n(spec.dataset.root, dataset=spec.dataset.name, train_labels=train.labels)
 
 
-def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path) -> Path:
+def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path, base_path: str | None = None) -> Path:
     """Write one derived split (idempotent: an existing, intact split is kept)."""
     from .derive import derive_split
     from .store import read_manifest, write_split
@@ -128,6 +128,8 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
         except DataError:
             pass
     kwargs: dict[str, Any] = {"base_name": spec.dataset.name}
+    if base_path and (Path(base_path) / "manifest.json").exists():
+        kwargs["base_path"] = base_path
     if setting.kind == "human":
         kwargs["label_sets"] = _human_labels(spec, base_train)
     split, manifest = derive_split(base_train, transform=setting.kind, level=setting.level, seed=spec.noise.seed, **kwargs)
@@ -142,12 +144,12 @@ def materialise_derived(spec: Any, out_root: Path = DERIVED_ROOT) -> list[Path]:
 
     if spec.kind != "noise_sweep":
         raise DataError(f"{spec.name} is a {spec.kind}; only a noise_sweep has derived splits")
-    train, _, digest = base_splits(spec.dataset, spec.dataset.domain)["train"]
+    train, path, digest = base_splits(spec.dataset, spec.dataset.domain)["train"]
     written = []
     for ns in noise_settings(spec):
         if ns.is_clean:
             continue
-        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root)))
+        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path))
     return written
 
 
@@ -180,7 +182,7 @@ def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellDa
     if noise is None or noise.is_clean:
         return CellData(train=train, test=test, inputs=base_inputs)
     out = derived_dir(spec.name, noise.tag)
-    derive_one(spec, noise, train, tdig, out)
+    derive_one(spec, noise, train, tdig, out, tpath)
     derived = read_split(out)
     manifest = read_manifest(out)
     dig = split_digest(out)

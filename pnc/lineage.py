@@ -1,0 +1,179 @@
+"""``pnc lineage RUN_ID``: from an MLflow run back through derived splits to the raw data.
+
+For every dataset input the run logged, re-hash the data on disk and compare with the logged
+digest; follow a derived split's manifest to its base split; name the DVC stage that writes each
+folder and the hashes ``dvc.lock`` recorded for it. Exit 0 when everything still matches, 1 when
+something drifted or is missing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import PncError
+
+
+def _lock_entry(path: str) -> dict | None:
+    """The dvc.lock stage whose output contains ``path``: {"stage", "out", "md5", "deps"}."""
+    lock = Path("dvc.lock")
+    if not lock.exists():
+        return None
+    import yaml
+
+    doc = yaml.safe_load(lock.read_text()) or {}
+    p = Path(path)
+    for stage, entry in (doc.get("stages") or {}).items():
+        for out in entry.get("outs", []) or []:
+            op = Path(out["path"])
+            if p == op or op in p.parents:
+                deps = [{"path": d["path"], "md5": d.get("md5")} for d in entry.get("deps", []) or []]
+                return {"stage": stage, "out": out["path"], "md5": out.get("md5"), "deps": deps, "cmd": entry.get("cmd")}
+    return None
+
+
+def _check_store_split(path: str, logged: str | None) -> dict:
+    from .data.store import read_manifest, split_digest
+
+    node: dict[str, Any] = {"path": path, "logged_digest": logged}
+    p = Path(path)
+    if not (p / "manifest.json").exists():
+        node.update(status="missing", message=f"{path} does not exist; re-create it with `dvc repro` (or `dvc checkout`)")
+        return node
+    try:
+        now = split_digest(p)
+    except Exception as e:  # noqa: BLE001 - corrupt split: report it as drift
+        node.update(status="drifted", message=f"cannot hash {path}: {e}")
+        return node
+    node["current_digest"] = now
+    if logged is not None and not now.startswith(logged) and not logged.startswith(now[: len(logged)]):
+        node.update(status="drifted", message=f"{path} changed since the run: logged {logged[:16]}, now {now[:16]}")
+    else:
+        node["status"] = "ok"
+    try:
+        m = read_manifest(p)
+    except Exception:  # noqa: BLE001
+        m = {}
+    node["manifest"] = {k: m[k] for k in ("transform", "level", "seed", "realized_noise_rate", "parameters", "dataset", "domain",
+                                          "source", "num_samples") if k in m}
+    lock = _lock_entry(path)
+    if lock:
+        node["dvc"] = lock
+    base = m.get("base") if isinstance(m.get("base"), dict) else None
+    if base and base.get("path"):
+        node["base"] = _check_store_split(base["path"], base.get("split_digest") or base.get("digest"))
+    return node
+
+
+def _check_raw(inp: dict, params: dict) -> dict:
+    from .catalog import DATASETS
+
+    node: dict[str, Any] = {"path": inp["uri"], "logged_digest": inp["digest"]}
+    name = params.get("dataset.name")
+    if name not in DATASETS or DATASETS[name].embedded:
+        node.update(status="unknown", message="not a pnc split folder and no raw dataset to reload")
+        return node
+    try:
+        from .data.registry import _raw_splits
+        from .spec import DatasetSpec
+
+        ds = DatasetSpec(name=name, root=None if params.get("dataset.root") in (None, "None") else params["dataset.root"])
+        domain = params.get("transfer.source") or (None if params.get("dataset.domain") in (None, "None") else params["dataset.domain"])
+        split = inp["name"].rsplit("/", 1)[-1]
+        now = _raw_splits(ds, domain)[split].digest()
+    except PncError as e:
+        node.update(status="missing", message=str(e).splitlines()[0])
+        return node
+    node["current_digest"] = now
+    ok = now.startswith(inp["digest"])
+    node.update(status="ok" if ok else "drifted", **({} if ok else {"message": f"raw data changed: logged {inp['digest'][:16]}, now {now[:16]}"}))
+    return node
+
+
+def trace(run_id: str) -> dict:
+    """The lineage of one run as a JSON-able dict with an overall ``consistent`` flag."""
+    from . import tracking
+
+    c = tracking.client()
+    try:
+        run = c.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own types for unknown ids
+        raise PncError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()} ({str(e).splitlines()[0]}); "
+                       "list runs with `pnc ui` or set MLFLOW_TRACKING_URI") from None
+    tags, params = run.data.tags, run.data.params
+    inputs = []
+    for di in (run.inputs.dataset_inputs if run.inputs else []):
+        src = json.loads(di.dataset.source) if di.dataset.source.startswith("{") else {"uri": di.dataset.source}
+        ctx = next((t.value for t in di.tags if t.key == "mlflow.data.context"), "")
+        inp = {"name": di.dataset.name, "digest": di.dataset.digest, "uri": src.get("uri"), "stage": src.get("dvc_stage"), "context": ctx}
+        uri = inp["uri"] or ""
+        node = _check_store_split(uri, inp["digest"]) if (Path(uri) / "manifest.json").exists() or uri.startswith("data/") else _check_raw(inp, params)
+        inputs.append({**inp, "check": node})
+    spec_path = tags.get(tracking.TAG_SPEC)
+    spec_node: dict[str, Any] = {"path": spec_path, "logged_digest": tags.get(tracking.TAG_SPEC_DIGEST)}
+    if spec_path and Path(spec_path).exists():
+        try:
+            from .spec import load_spec, spec_digest
+
+            overrides = json.loads(tags.get("pnc.overrides") or "[]")
+            spec_node["overrides"] = overrides
+            spec_node["current_digest"] = spec_digest(load_spec(spec_path, overrides))
+            spec_node["status"] = "ok" if spec_node["current_digest"] == spec_node["logged_digest"] else "changed"
+        except PncError as e:
+            spec_node.update(status="invalid", message=str(e).splitlines()[0])
+    else:
+        spec_node["status"] = "missing"
+    model_uri = tags.get("pnc.model_uri")
+
+    def bad(node: dict) -> list[str]:
+        out = [node["message"]] if node.get("status") in ("drifted", "missing") else []
+        return out + (bad(node["base"]) if "base" in node else [])
+
+    problems = [m for i in inputs for m in bad(i["check"])]
+    return {
+        "run_id": run_id, "run_name": run.info.run_name, "status": run.info.status,
+        "cell": tags.get(tracking.TAG_CELL_NAME), "cell_id": tags.get(tracking.TAG_CELL),
+        "git_commit": tags.get("pnc.git_commit"), "git_dirty": tags.get("pnc.git_dirty"), "pnc_version": tags.get("pnc.version"),
+        "spec": spec_node, "model_uri": model_uri, "inputs": inputs, "problems": problems, "consistent": not problems,
+    }
+
+
+def _print_node(node: dict, indent: str) -> None:
+    mark = {"ok": "ok", "drifted": "DRIFTED", "missing": "MISSING"}.get(node.get("status", ""), node.get("status", "?"))
+    digest = (node.get("current_digest") or node.get("logged_digest") or "")[:16]
+    print(f"{indent}{node['path']}  sha256:{digest}  [{mark}]" + (f"  {node['message']}" if node.get("message") and mark != "ok" else ""))
+    m = node.get("manifest") or {}
+    if "transform" in m:
+        extra = f", realised noise rate {m['realized_noise_rate']:.4f}" if m.get("realized_noise_rate") is not None and m.get("transform") in ("symmetric", "class_dependent", "human") else ""
+        print(f"{indent}  derived: {m['transform']} level {m.get('level')} seed {m.get('seed')}{extra}")
+    if node.get("dvc"):
+        d = node["dvc"]
+        print(f"{indent}  written by DVC stage {d['stage']} ({d['cmd']}); dvc.lock: {d['out']} md5 {d['md5']}")
+        for dep in d["deps"]:
+            if not dep["path"].startswith("pnc/"):
+                print(f"{indent}    dep {dep['path']} md5 {dep['md5']}")
+    if "base" in node:
+        print(f"{indent}  from:")
+        _print_node(node["base"], indent + "    ")
+
+
+def lineage(run_id: str, *, as_json: bool = False) -> int:
+    info = trace(run_id)
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"run {info['run_id']} ({info['cell'] or info['run_name']}), {info['status']}")
+        s = info["spec"]
+        print(f"  spec {s['path']} digest {s['logged_digest']} [{s.get('status')}]")
+        print(f"  code: pnc {info['pnc_version']}, git {info['git_commit']} (dirty: {info['git_dirty']})")
+        if info["model_uri"]:
+            print(f"  model: {info['model_uri']}")
+        for i in info["inputs"]:
+            print(f"  {i['context']}: {i['name']}")
+            _print_node(i["check"], "    ")
+        print("consistent: every input still has the hash the run logged" if info["consistent"]
+              else "DRIFT:\n" + "\n".join(f"  - {p}" for p in info["problems"]))
+    if not info["consistent"]:
+        print("lineage: data drifted or missing (see above)", file=sys.stderr)
+    return 0 if info["consistent"] else 1
