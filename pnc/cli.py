@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
 
+    cmp_ = sub.add_parser("compare", help="overlay a per-layer metric of several studies on relative depth")
+    cmp_.add_argument("studies", nargs="+", metavar="STUDY", help="spec files or study names")
+    cmp_.add_argument("--metric", help="metric key (default: the study's CDNV curve)")
+    cmp_.add_argument("--out", default="reports", help="reports folder (default: reports)")
+
+    est = sub.add_parser("estimate-noise", help="estimate the training-label noise of a run from its CDNV profile")
+    est.add_argument("run_id", metavar="RUN_ID")
+    est.add_argument("--calibration", metavar="STUDY", help="noise study whose calibration to use (default: all found)")
+    est.add_argument("--json", action="store_true")
+
     lin = sub.add_parser("lineage", help="trace an MLflow run back to the raw data; check nothing drifted")
     lin.add_argument("run_id", metavar="RUN_ID")
     lin.add_argument("--json", action="store_true")
@@ -185,6 +195,28 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report import render_compare, render_index
+
+    out = render_compare(args.studies, Path(args.out), args.metric)
+    render_index(Path(args.out))
+    print(f"comparison written to {out}")
+    return 0
+
+
+def _cmd_estimate_noise(args: argparse.Namespace) -> int:
+    from .report import estimate_noise_for_run
+
+    rows = estimate_noise_for_run(args.run_id, args.calibration)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['calibration']}: {r['kind']} noise level ~ {r['estimate']:.3f} (map fitted on levels "
+              f"{', '.join(f'{x:g}' for x in r['levels'])}; leave-one-level-out error {r['loo_mae']:.3f})")
+    return 0
+
+
 def _cmd_lineage(args: argparse.Namespace) -> int:
     from .lineage import lineage
 
@@ -201,6 +233,8 @@ COMMANDS = {
     "embed": _cmd_embed,
     "ui": _cmd_ui,
     "lineage": _cmd_lineage,
+    "compare": _cmd_compare,
+    "estimate-noise": _cmd_estimate_noise,
 }
 
 

@@ -331,3 +331,100 @@ def study_summary(spec: Any) -> dict:
             metrics["transfer/spearman_final_layer"] = corr["transfer/spearman"][-1]
             metrics["transfer/spearman_mean"] = sum(rho) / len(rho)
     return {"metrics": {k: float(v) for k, v in metrics.items() if v is not None}, "tags": tags, "details": details}
+
+
+# ----------------------------------------------------------------------------- cross-study comparison
+CURVE_KEYS = ("cdnv/train", "cdnv/train_noisy", "cdnv/target")
+
+
+def _experiment_of(study: str) -> tuple[str, str]:
+    """(label, experiment) for a spec path or a study/experiment name."""
+    from .spec import load_spec
+
+    if study.endswith((".yaml", ".yml")) or "/" in study:
+        spec = load_spec(study)
+        return spec.name, spec.experiment
+    return study, study
+
+
+def render_compare(studies: list[str], out: Path, metric: str | None = None) -> Path:
+    """One report overlaying a per-layer metric of several studies on relative depth."""
+    import altair as alt
+
+    frames = []
+    for s in studies:
+        label, exp = _experiment_of(s)
+        keys = [metric] if metric else list(CURVE_KEYS)
+        df = pd.concat([layer_frame(exp, keys, role=r) for r in ("cell", "transfer")], ignore_index=True)
+        if df.empty:
+            raise PncError(f"study {label!r} has no finished runs with {', '.join(keys)} in MLflow ({_where()})")
+        key = next(k for k in keys if k in set(df.metric))
+        df = df[df.metric == key]
+        if key == "cdnv/train_noisy":
+            df = df[df.noise == "clean"] if (df.noise == "clean").any() else df
+        df = df.assign(study=label, curve=df.model + df.source.map(lambda x: f" from {x}" if x else "")
+                       + df.target.map(lambda x: f" on {x}" if x else ""), key=key)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    name = "compare-" + "-".join(_experiment_of(s)[0] for s in studies)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        log = (df.value > 0).all()
+        chart = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+            x=alt.X("rel_depth:Q", title="relative depth (layer / last layer)"),
+            y=alt.Y("value:Q", title=", ".join(sorted(df.key.unique())), scale=alt.Scale(type="log") if log else alt.Undefined),
+            color=alt.Color("study:N"), detail="curve:N", strokeDash=alt.StrokeDash("study:N"),
+            tooltip=["study", "curve", "layer", alt.Tooltip("value:Q", format=".4g")],
+        ).properties(width=520, height=300, title=f"{', '.join(sorted(df.key.unique()))} on relative depth")
+        _save(chart, tmp, "compare")
+        table = df.groupby(["study", "curve"]).agg(layers=("layer", "max"), first=("value", "first"), last=("value", "last")).reset_index()
+        table["layers"] += 1
+        (tmp / "index.html").write_text(_page(name, [("Overlay on relative depth", _figure("compare")), ("Curves", _table(table))]))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def estimate_noise_for_run(run_id: str, calibration: str | None = None) -> list[dict]:
+    """Apply the noise maps calibrated on noise studies to one run's intermediate-layer CDNV profile."""
+    from . import analysis, tracking
+
+    c = tracking.client()
+    try:
+        run = c.get_run(run_id)
+    except Exception as e:  # noqa: BLE001
+        raise PncError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()} ({str(e).splitlines()[0]})") from None
+    model = run.data.tags.get("pnc.model")
+    key = next((k for k in ("cdnv/train_noisy", "cdnv/train") if k in run.data.metrics), None)
+    if key is None or model is None:
+        raise PncError(f"run {run_id} has no per-layer CDNV curve (cdnv/train or cdnv/train_noisy); is it a pnc cell run?")
+    curve = tracking.layer_history(run_id, key)
+    exps = [c.get_experiment_by_name(_experiment_of(calibration)[1])] if calibration else c.search_experiments()
+    maps = []
+    for exp in exps:
+        if exp is None:
+            continue
+        for parent in c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'study'"):
+            try:
+                path = c.download_artifacts(parent.info.run_id, "analysis.json", tempfile.mkdtemp(prefix="pnc-"))
+            except Exception:  # noqa: BLE001 - no analysis logged
+                continue
+            for name, m in (json.loads(Path(path).read_text()).get("noise_maps") or {}).items():
+                if m["model"] == model:
+                    maps.append((exp.name, m))
+    if not maps:
+        where = f"study {calibration!r}" if calibration else "any noise study in this store"
+        raise PncError(f"no noise calibration for model {model!r} in {where}; run a noise_sweep with this model first "
+                       "(e.g. `pnc run specs/digits_noise.yaml`)")
+    out = []
+    for exp_name, m in maps:
+        nm = analysis.NoiseMap(m["model"], m["kind"], m["intercept"], m["slope"], m["levels"], m["profiles"], m["loo_abs_errors"])
+        out.append({"calibration": exp_name, "model": model, "kind": nm.kind, "estimate": analysis.estimate_noise(nm, curve),
+                    "loo_mae": nm.loo_mae, "levels": nm.levels, "curve_key": key})
+    return out
