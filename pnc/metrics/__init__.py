@@ -1,0 +1,97 @@
+"""pnc's metric engine: streaming, exact neural-collapse statistics and layer-wise probes.
+
+Pure: no MLflow, no model code. Conventions: ``design/METRICS.md`` and ``docs/metrics.md``.
+
+Orchestrator
+------------
+``measure(extract, train_batches, eval_batches=None, *, num_classes, label_names=("label",),
+metrics=("cdnv", "nc1", "nc2", "ncc", "probe"), probe="ridge", probe_labels=None, nc1_dim_cap=1024,
+probe_dim_cap=4096, val_fraction=0.2, seed=0, ridge_alphas=RIDGE_ALPHAS, logistic_cs=LOGISTIC_CS,
+logistic_max_samples=50_000, accelerator=None, progress=True) -> Measurements``
+
+* ``extract(x) -> dict[str, Tensor[B, D]]``: already-reduced features per tapped layer, in layer
+  order (called once per batch, under ``torch.inference_mode``).
+* ``train_batches``: iterable of ``(x, y, idx)`` or ``(x, y, idx, mask)``; ``y`` int64 (B,) or (B, C)
+  with column j = label vector ``label_names[j]`` (e.g. ``("noisy", "clean")``: column 0 the labels
+  the network was trained on, column 1 the clean labels); ``idx`` int64 (B,) global sample indices
+  (they choose the probe's validation part); ``mask`` bool (B,), False rows are ignored (padding).
+  Loaders are sharded per process; statistics are merged exactly across processes.
+* ``eval_batches``: None, one iterable (named ``"test"``), or ``{split name: iterable}``. An eval
+  split's ``y`` has one column (used for every label vector: e.g. clean test labels) or one per label
+  vector. Exactly one forward pass per split. To get ``ncc_acc/train`` / ``probe_acc/train``, pass the
+  training loader again as an eval split named ``"train"`` (costs a second pass over it: the
+  nearest-class-mean classifier needs the final class means, which exist only after the first pass).
+* ``metrics``: any of "cdnv", "nc1", "nc2" (measured on every split; an eval split named "train"
+  skips them, they are the training pass's), "ncc" (eval splits), "probe" (with ``probe`` = "ridge" or
+  "logistic"; trained on ``probe_labels``, default "clean" if present else column 0, validation part
+  = ``val_fraction`` of the training split by seeded index hash, scored on eval splits).
+
+Output keys of ``Measurements.metrics`` (one float per layer, step = layer index), with
+``<sfx>`` = "" for one label vector and ``_<name>`` for several:
+
+* ``cdnv/train<sfx>``, ``nc1/train<sfx>``, ``nc2/train<sfx>`` per training label vector;
+* ``cdnv/<split>[<sfx>]`` etc. per eval split (no suffix when the split has one label column);
+* ``ncc_acc/<split><sfx>``: means of training label vector ``<sfx>``, scored against the split's
+  matching column (or its only column);
+* ``probe_acc/<split>``;
+* ``mem_ratio/train`` = cdnv/train_clean / cdnv/train_noisy when label_names holds "noisy" and
+  "clean"; ``Measurements.memorization_layers`` = indices with ratio > 1.
+
+Convenience
+-----------
+``collapse_metrics(features, labels, num_classes) -> {"cdnv", "nc1", "nc2"}`` and
+``ncc_accuracy(ref_features, ref_labels, features, labels, num_classes) -> float`` (torch or numpy).
+
+Building blocks
+---------------
+``ClassStats`` (streaming accumulator: ``update``, ``merge_``, ``all_reduce``, ``summary``),
+``ClassSummary``, the pure functions ``cdnv``, ``nc1``, ``nc2``, ``class_variances``,
+``memorization_ratio``, ``memorization_layers``, ``NearestClassMean``, and the probes ``fit_ridge``,
+``fit_logistic``, ``LinearProbe``, ``validation_part``.
+"""
+from pnc.metrics.collapse import (
+    MetricWarning,
+    NearestClassMean,
+    between_class_eig,
+    cdnv,
+    cdnv_matrix,
+    class_variances,
+    memorization_layers,
+    memorization_ratio,
+    nc1,
+    nc2,
+    pairwise_sq_distances,
+)
+from pnc.metrics.comm import Comm
+from pnc.metrics.measure import (
+    METRICS,
+    Measurements,
+    class_summary,
+    collapse_metrics,
+    measure,
+    ncc_accuracy,
+)
+from pnc.metrics.probes import (
+    LOGISTIC_CS,
+    RIDGE_ALPHAS,
+    CountSketch,
+    FeatureCache,
+    LinearProbe,
+    fit_logistic,
+    fit_ridge,
+    ridge_moments,
+    ridge_solve,
+    ridge_val_mse,
+    validation_part,
+)
+from pnc.metrics.stats import ClassStats, ClassSummary, chan_merge
+
+__all__ = [
+    "METRICS", "LOGISTIC_CS", "RIDGE_ALPHAS",
+    "measure", "Measurements", "collapse_metrics", "ncc_accuracy", "class_summary",
+    "ClassStats", "ClassSummary", "chan_merge", "Comm",
+    "cdnv", "cdnv_matrix", "nc1", "nc2", "class_variances", "between_class_eig", "pairwise_sq_distances",
+    "memorization_ratio", "memorization_layers", "NearestClassMean", "MetricWarning",
+    "CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments", "ridge_solve",
+    "ridge_val_mse", "validation_part",
+]

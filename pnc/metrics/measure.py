@@ -1,0 +1,641 @@
+"""The single-pass measurement orchestrator and the convenience API.
+
+See the package docstring (:mod:`pnc.metrics`) for the contract and the output keys.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pnc.metrics.collapse import MetricWarning, NearestClassMean, cdnv, memorization_layers, memorization_ratio, nc1, nc2
+from pnc.metrics.comm import Comm
+from pnc.metrics.probes import (
+    LOGISTIC_CS, RIDGE_ALPHAS, CountSketch, FeatureCache, LinearProbe, fit_logistic, fit_ridge, validation_part,
+)
+from pnc.metrics.stats import F64, ClassStats, ClassSummary, check_labels
+
+METRICS: tuple[str, ...] = ("cdnv", "nc1", "nc2", "ncc", "probe")
+COLLAPSE_METRICS: tuple[str, ...] = ("cdnv", "nc1", "nc2")
+PROBES: tuple[str, ...] = ("ridge", "logistic")
+TRAIN = "train"
+
+
+@dataclass
+class Measurements:
+    """Result of :func:`measure`.
+
+    Attributes:
+        layers: tapped layer names, in ``extract``'s order; index = MLflow step.
+        dims: feature dimension per layer.
+        metrics: ``{"<metric>/<split>[_<label>]": [value per layer]}`` (floats; NaN only where a
+            MetricWarning said why).
+        memorization_layers: ``[l : mem_ratio/train[l] > 1]`` when label names include "noisy" and
+            "clean" and CDNV was measured, else None.
+        samples: number of samples counted per split (after masks, summed over processes).
+        info: ``probe`` (per layer: kind, chosen ``reg``, ``grid``, ``val_scores``, ``val_metric``,
+            ``n_fit``, ``n_val``, ``sketched_to``), ``nc1_skipped_layers``, ``label_names``,
+            ``probe_labels``, ``state_bytes`` (bytes of accumulator state per split).
+    """
+
+    layers: list[str]
+    dims: list[int]
+    metrics: dict[str, list[float]]
+    memorization_layers: list[int] | None
+    samples: dict[str, int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.metrics[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.metrics
+
+    def keys(self):
+        return self.metrics.keys()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict: every metric key plus ``layers`` and (if any) ``memorization_layers``."""
+        out: dict[str, Any] = {k: list(v) for k, v in self.metrics.items()}
+        out["layers"] = list(self.layers)
+        if self.memorization_layers is not None:
+            out["memorization_layers"] = list(self.memorization_layers)
+        return out
+
+
+# ----------------------------------------------------------------------------- batches
+def _unpack(batch: Any) -> tuple[Any, Tensor, Tensor, Tensor | None]:
+    if isinstance(batch, Mapping):
+        return batch["x"], batch["y"], batch["idx"], batch.get("mask")
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (3, 4):
+        raise ValueError("each batch must be (x, y, idx) or (x, y, idx, mask); got " + type(batch).__name__)
+    x, y, idx = batch[0], batch[1], batch[2]
+    return x, y, idx, (batch[3] if len(batch) == 4 else None)
+
+
+def _as_2d_labels(y: Any) -> Tensor:
+    t = torch.as_tensor(y)
+    if t.ndim == 1:
+        t = t.unsqueeze(1)
+    if t.ndim != 2:
+        raise ValueError(f"labels y must have shape (B,) or (B, L); got {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"labels y must be an integer tensor; got {t.dtype}")
+    return t.long()
+
+
+def _progress(it: Iterable, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    total = len(it) if hasattr(it, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _features(extract: Callable, x: Any, names: list[str] | None) -> dict[str, Tensor]:
+    with torch.inference_mode():
+        feats = extract(x)
+    if not isinstance(feats, Mapping) or not feats:
+        raise TypeError("extract(x) must return a non-empty dict {layer name: Tensor[B, D]}")
+    if names is not None and list(feats.keys()) != names:
+        raise ValueError(f"extract(x) returned layers {list(feats.keys())}, expected {names} (as in the first batch)")
+    for k, v in feats.items():
+        if not isinstance(v, Tensor) or v.ndim != 2 or not v.dtype.is_floating_point:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"layer {k!r}: features must be a float Tensor[B, D] (already reduced); got {shape}")
+    return dict(feats)
+
+
+# ----------------------------------------------------------------------------- per-layer plans
+class _TrainLayer:
+    """Accumulators for one layer over the training split."""
+
+    def __init__(self, name: str, dim: int, *, cfg: "_Config", device: torch.device, layer_index: int):
+        self.name, self.dim = name, dim
+        L, K = cfg.num_labelings, cfg.num_classes
+        self.nc1_ok = cfg.want_nc1 and dim <= cfg.nc1_dim_cap
+        self.sketch: CountSketch | None = None
+        if cfg.probe is not None and dim > cfg.probe_dim_cap:
+            self.sketch = CountSketch(dim, cfg.probe_dim_cap, cfg.seed, salt=layer_index)
+        self.probe_stats: ClassStats | None = None
+        self.cache: FeatureCache | None = None
+        probe_in_coll = True
+        if cfg.probe == "ridge":
+            pdim = cfg.probe_dim_cap if self.sketch is not None else dim
+            self.probe_stats = ClassStats(K, pdim, num_labelings=1, num_parts=2, scatter=True, device=device)
+            # the probe labels' collapse statistics come from the probe accumulator unless sketched
+            probe_in_coll = self.sketch is not None
+        elif cfg.probe == "logistic":
+            self.cache = FeatureCache(cfg.logistic_max_samples, cfg.seed)
+        self.coll_labelings = [l for l in range(L) if cfg.want_stats and (probe_in_coll or l != cfg.probe_col)]
+        self.coll: ClassStats | None = None
+        if self.coll_labelings:
+            self.coll = ClassStats(K, dim, num_labelings=len(self.coll_labelings), scatter=self.nc1_ok, device=device)
+        self._coll_cols = torch.tensor(self.coll_labelings, dtype=torch.int64, device=device)
+
+    def update(self, h: Tensor, y: Tensor, idx: Tensor, part: Tensor | None, cfg: "_Config") -> None:
+        x = h.to(F64)
+        if self.coll is not None:
+            self.coll._update(x, y.index_select(1, self._coll_cols), None)
+        if self.probe_stats is not None or self.cache is not None:
+            z = self.sketch(x) if self.sketch is not None else x
+            yp = y[:, cfg.probe_col]
+            if self.probe_stats is not None:
+                self.probe_stats._update(z, yp.unsqueeze(1), part)
+            if self.cache is not None:
+                self.cache.add(z, yp, idx)
+
+    @property
+    def nbytes(self) -> int:
+        n = 0
+        for s in (self.coll, self.probe_stats, self.cache):
+            n += s.nbytes if s is not None else 0
+        return n
+
+    def summary(self, labeling: int) -> ClassSummary:
+        if labeling in self.coll_labelings:
+            assert self.coll is not None
+            return self.coll.summary(self.coll_labelings.index(labeling))
+        assert self.probe_stats is not None
+        return self.probe_stats.summary(0)
+
+
+class _EvalLayer:
+    def __init__(self, dim: int, *, num_labelings: int, nc1_ok: bool, collapse: bool, cfg: "_Config", device):
+        self.coll = (
+            ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device)
+            if collapse else None
+        )
+        self.ncc_correct = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
+        self.probe_correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.coll.nbytes if self.coll is not None else 0) + 8 * (self.ncc_correct.numel() + 1)
+
+
+@dataclass
+class _Config:
+    num_classes: int
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]
+    probe: str | None
+    probe_col: int
+    nc1_dim_cap: int
+    probe_dim_cap: int
+    val_fraction: float
+    seed: int
+    ridge_alphas: tuple[float, ...]
+    logistic_cs: tuple[float, ...]
+    logistic_max_samples: int
+
+    @property
+    def num_labelings(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def want_nc1(self) -> bool:
+        return "nc1" in self.metrics
+
+    @property
+    def want_collapse(self) -> bool:
+        return any(m in self.metrics for m in COLLAPSE_METRICS)
+
+    @property
+    def want_stats(self) -> bool:
+        return self.want_collapse or "ncc" in self.metrics
+
+    def suffix(self, labeling: int) -> str:
+        return "" if self.num_labelings == 1 else "_" + self.label_names[labeling]
+
+
+def _resolve_probe_col(probe_labels: str | int | None, names: tuple[str, ...]) -> int:
+    if probe_labels is None:
+        return names.index("clean") if "clean" in names else 0
+    if isinstance(probe_labels, str):
+        if probe_labels not in names:
+            raise ValueError(f"probe_labels={probe_labels!r} is not one of label_names {list(names)}")
+        return names.index(probe_labels)
+    col = int(probe_labels)
+    if not 0 <= col < len(names):
+        raise ValueError(f"probe_labels={col} is out of range for label_names {list(names)}")
+    return col
+
+
+def _collapse_values(s: ClassSummary, cfg: _Config, nc1_ok: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "cdnv" in cfg.metrics:
+        out["cdnv"] = cdnv(s)
+    if "nc1" in cfg.metrics:
+        out["nc1"] = nc1(s) if nc1_ok else math.nan
+    if "nc2" in cfg.metrics:
+        out["nc2"] = nc2(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- measure
+def measure(
+    extract: Callable[[Any], Mapping[str, Tensor]],
+    train_batches: Iterable,
+    eval_batches: Iterable | Mapping[str, Iterable] | None = None,
+    *,
+    num_classes: int,
+    label_names: Sequence[str] = ("label",),
+    metrics: Sequence[str] = METRICS,
+    probe: str | None = "ridge",
+    probe_labels: str | int | None = None,
+    nc1_dim_cap: int = 1024,
+    probe_dim_cap: int = 4096,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    ridge_alphas: Sequence[float] = RIDGE_ALPHAS,
+    logistic_cs: Sequence[float] = LOGISTIC_CS,
+    logistic_max_samples: int = 50_000,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> Measurements:
+    """Measure every tapped layer in one forward pass over the training split and one per eval split.
+
+    Args:
+        extract: ``extract(x) -> {layer name: Tensor[B, D]}``, already-reduced features in layer order;
+            called once per batch under ``torch.inference_mode``.
+        train_batches: iterable of ``(x, y, idx)`` or ``(x, y, idx, mask)``: ``y`` int (B,) or (B, C)
+            with column j = ``label_names[j]``; ``idx`` (B,) global sample indices; ``mask`` (B,) bool,
+            False rows ignored. Sharded per process; merged exactly.
+        eval_batches: None, an iterable (split "test") or ``{split: iterable}``; ``y`` with one column
+            (used for every label vector) or one per label vector.
+        num_classes: K; labels must lie in [0, K).
+        label_names: names of the label columns, e.g. ``("noisy", "clean")``.
+        metrics: subset of ``("cdnv", "nc1", "nc2", "ncc", "probe")``.
+        probe: "ridge" (streamed closed form, all layers) | "logistic" (cached features) | None.
+        probe_labels: label name or column the probe learns; default "clean" if present, else 0.
+        nc1_dim_cap: NC1 only for layers with D <= this (NaN + MetricWarning above).
+        probe_dim_cap: wider layers are count-sketched to this many dimensions for the probe.
+        val_fraction: share of the training split (by seeded index hash) used to select the probe's
+            regularisation.
+        seed: seed of the validation split, the logistic cache subsample and the sketches.
+        ridge_alphas / logistic_cs: regularisation grids.
+        logistic_max_samples: cached training samples per layer for the logistic probe.
+        accelerator: an ``accelerate.Accelerator``; else ``torch.distributed`` if initialised.
+        progress: tqdm bars (only on a TTY, only on the main process).
+
+    Returns:
+        :class:`Measurements`; keys are listed in :mod:`pnc.metrics`.
+    """
+    # ---------------------------------------------------------------- validate arguments
+    names = tuple(str(n) for n in label_names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"label_names must be non-empty and distinct; got {list(label_names)}")
+    mset = tuple(dict.fromkeys(str(m) for m in metrics))
+    unknown = [m for m in mset if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; available: {list(METRICS)}")
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"probe must be one of {list(PROBES)} or None; got {probe!r}")
+    want_probe = "probe" in mset and probe is not None
+    if want_probe and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1) when a probe is requested; got {val_fraction}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    cfg = _Config(
+        num_classes=int(num_classes), label_names=names, metrics=mset, probe=probe if want_probe else None,
+        probe_col=_resolve_probe_col(probe_labels, names), nc1_dim_cap=int(nc1_dim_cap),
+        probe_dim_cap=int(probe_dim_cap), val_fraction=float(val_fraction), seed=int(seed),
+        ridge_alphas=tuple(float(a) for a in ridge_alphas), logistic_cs=tuple(float(c) for c in logistic_cs),
+        logistic_max_samples=int(logistic_max_samples),
+    )
+    if eval_batches is None:
+        evals: dict[str, Iterable] = {}
+    elif isinstance(eval_batches, Mapping):
+        evals = {str(k): v for k, v in eval_batches.items()}
+    else:
+        evals = {"test": eval_batches}
+    for s in evals:
+        if not s or "/" in s:
+            raise ValueError(f"eval split names must be non-empty without '/'; got {s!r}")
+    comm = Comm(accelerator)
+    show = bool(progress) and comm.is_main and sys.stderr.isatty()
+
+    # ---------------------------------------------------------------- training pass
+    layers: list[_TrainLayer] | None = None
+    layer_names: list[str] | None = None
+    device: torch.device | None = None
+    n_local = torch.zeros((), dtype=torch.int64)
+    for batch in _progress(train_batches, f"measure {TRAIN}", show):
+        x, y, idx, mask = _unpack(batch)
+        feats = _features(extract, x, layer_names)
+        if layers is None:
+            layer_names = list(feats)
+            device = next(iter(feats.values())).device
+            layers = [
+                _TrainLayer(n, int(f.shape[1]), cfg=cfg, device=device, layer_index=i)
+                for i, (n, f) in enumerate(feats.items())
+            ]
+        assert device is not None
+        # labels, indices and mask are handled on the CPU (no device syncs), then moved once
+        y2 = _as_2d_labels(y).cpu()
+        if y2.shape[1] < cfg.num_labelings:
+            raise ValueError(
+                f"training labels have {y2.shape[1]} column(s) but label_names has {cfg.num_labelings}: {list(names)}"
+            )
+        y2 = y2[:, : cfg.num_labelings]
+        rows = y2.shape[0]
+        if idx is None:
+            if cfg.probe is not None:
+                raise ValueError("training batches need global sample indices idx: they choose the probe's validation part")
+            idx = torch.zeros(rows, dtype=torch.int64)
+        idx_t = torch.as_tensor(idx).cpu().long().reshape(-1)
+        if idx_t.shape[0] != rows:
+            raise ValueError(f"idx has {idx_t.shape[0]} entries for a batch of {rows} labels")
+        keep = None if mask is None else torch.as_tensor(mask).cpu().bool().reshape(-1)
+        if keep is not None:
+            if keep.shape[0] != rows:
+                raise ValueError(f"mask has {keep.shape[0]} entries for a batch of {rows} labels")
+            y2, idx_t = y2[keep], idx_t[keep]
+        check_labels(y2, cfg.num_classes)
+        if y2.shape[0] == 0:
+            continue
+        n_local += y2.shape[0]
+        part = validation_part(idx_t, cfg.val_fraction, cfg.seed).to(device) if cfg.probe is not None else None
+        y2, idx_t = y2.to(device), idx_t.to(device)
+        keep_d = None if keep is None else keep.to(device)
+        for lay in layers:
+            h = feats[lay.name]
+            if h.shape[0] != rows:
+                raise ValueError(f"layer {lay.name!r} has {h.shape[0]} rows for a batch of {rows} labels")
+            if h.shape[1] != lay.dim:
+                raise ValueError(f"layer {lay.name!r} changed dimension from {lay.dim} to {h.shape[1]}")
+            h = h.to(device)
+            if keep_d is not None:
+                h = h[keep_d]
+            lay.update(h, y2, idx_t, part, cfg)
+
+    seen = comm.all_gather_object(None if layers is None else [(l.name, l.dim) for l in layers])
+    spec = next((s for s in seen if s is not None), None)
+    if spec is None:
+        raise ValueError("train_batches yielded no batches (on any process)")
+    if any(s is not None and s != spec for s in seen):
+        raise ValueError(f"processes disagree on the tapped layers: {seen}")
+    if layers is None:  # this process got no batch: join the reduction with empty statistics
+        layers = [_TrainLayer(n, d, cfg=cfg, device=comm.device, layer_index=i) for i, (n, d) in enumerate(spec)]
+        layer_names = [n for n, _ in spec]
+    assert layer_names is not None
+    state_bytes = {TRAIN: sum(lay.nbytes for lay in layers)}
+    n_train = int(comm.sum(n_local.to(comm.device)).item())
+    if n_train == 0:
+        raise ValueError("train_batches has no samples after masking")
+    for lay in layers:
+        for st in (lay.coll, lay.probe_stats):
+            if st is not None:
+                st.all_reduce(comm)
+    _warn_nonfinite(TRAIN, [(lay.name, [lay.coll, lay.probe_stats]) for lay in layers])
+
+    # ---------------------------------------------------------------- metrics from training statistics
+    L = cfg.num_labelings
+    out: dict[str, list[float]] = {}
+    nclayers = [lay.name for lay in layers if cfg.want_nc1 and not lay.nc1_ok]
+    if nclayers:
+        warnings.warn(
+            f"NC1 skipped (NaN) for layers wider than nc1_dim_cap={cfg.nc1_dim_cap}: {nclayers}", MetricWarning,
+            stacklevel=2,
+        )
+    train_summaries: list[list[ClassSummary]] = []
+    if cfg.want_stats:
+        train_summaries = [[lay.summary(l) for l in range(L)] for lay in layers]
+        for l in range(L):
+            for i, lay in enumerate(layers):
+                for k, v in _collapse_values(train_summaries[i][l], cfg, lay.nc1_ok).items():
+                    out.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(v)
+    mem_layers = None
+    if "cdnv" in cfg.metrics and "noisy" in names and "clean" in names:
+        ratio = memorization_ratio(out[f"cdnv/{TRAIN}_clean"], out[f"cdnv/{TRAIN}_noisy"])
+        out[f"mem_ratio/{TRAIN}"] = ratio
+        mem_layers = memorization_layers(ratio)
+
+    # ---------------------------------------------------------------- probes
+    probes: list[LinearProbe] = []
+    probe_info: list[dict] = []
+    if cfg.probe == "ridge":
+        for lay in layers:
+            assert lay.probe_stats is not None
+            fit, val = lay.probe_stats.summary(0, part=0), lay.probe_stats.summary(0, part=1)
+            p = fit_ridge(fit, val, cfg.ridge_alphas, sketch=lay.sketch)
+            probes.append(p)
+    elif cfg.probe == "logistic":
+        for lay in layers:
+            assert lay.cache is not None
+            dim = cfg.probe_dim_cap if lay.sketch is not None else lay.dim
+            xc, yc, ic = lay.cache.finalize(dim, comm)
+            is_val = validation_part(ic, cfg.val_fraction, cfg.seed).bool()
+            p = fit_logistic(xc, yc, is_val, cfg.num_classes, cs=cfg.logistic_cs, seed=cfg.seed, sketch=lay.sketch)
+            probes.append(p)
+    for lay, p in zip(layers, probes):
+        probe_info.append({
+            "layer": lay.name, "kind": p.kind, "reg": p.reg, "grid": list(p.grid), "val_scores": list(p.val_scores),
+            "val_metric": "mse" if p.kind == "ridge" else "accuracy", "sketched_to": lay.sketch.out_dim if lay.sketch else None,
+            **p.info,
+        })
+    samples = {TRAIN: int(n_train)}
+
+    # ---------------------------------------------------------------- eval passes
+    nccs: list[list[NearestClassMean]] = []
+    if "ncc" in cfg.metrics:
+        nccs = [[NearestClassMean(s) for s in per_layer] for per_layer in train_summaries]
+    for split, batches in evals.items():
+        ev = _eval_pass(extract, batches, split, cfg, layers, layer_names, probes, nccs, comm, show)
+        samples[split] = ev.pop("__n__")  # type: ignore[assignment]
+        state_bytes[split] = ev.pop("__bytes__")  # type: ignore[assignment]
+        for k, v in ev.items():
+            out[k] = v  # type: ignore[assignment]
+
+    info = {"probe": probe_info, "nc1_skipped_layers": nclayers, "label_names": list(names),
+            "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes}
+    return Measurements(
+        layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
+        memorization_layers=mem_layers, samples=samples, info=info,
+    )
+
+
+def _eval_pass(
+    extract: Callable, batches: Iterable, split: str, cfg: _Config, layers: list[_TrainLayer], names: list[str],
+    probes: list[LinearProbe], nccs: list[list[NearestClassMean]], comm: Comm, show: bool,
+) -> dict[str, Any]:
+    L = cfg.num_labelings
+    collapse = cfg.want_collapse and split != TRAIN
+    state: list[_EvalLayer] | None = None
+    ecols: int | None = None
+    n_local = torch.zeros((), dtype=torch.int64)
+    device: torch.device | None = None
+    moved = False
+    for batch in _progress(batches, f"measure {split}", show):
+        x, y, idx, mask = _unpack(batch)
+        feats = _features(extract, x, names)
+        if device is None:
+            device = next(iter(feats.values())).device
+        y2 = _as_2d_labels(y).cpu()
+        if ecols is None:
+            ecols = _eval_columns(y2.shape[1], L, split)
+        elif _eval_columns(y2.shape[1], L, split) != ecols:
+            raise ValueError(f"split {split!r}: the number of label columns changed between batches")
+        y2 = y2[:, :ecols]
+        keep = None if mask is None else torch.as_tensor(mask).cpu().bool().reshape(-1)
+        if keep is not None:
+            if keep.shape[0] != y2.shape[0]:
+                raise ValueError(f"split {split!r}: mask has {keep.shape[0]} entries for {y2.shape[0]} labels")
+            y2 = y2[keep]
+        check_labels(y2, cfg.num_classes)
+        y2 = y2.to(device)
+        keep = None if keep is None else keep.to(device)
+        if state is None:
+            state = _make_eval_state(layers, ecols, collapse, cfg, device)
+        if not moved:
+            for p in probes:
+                p.to(device)
+            for per in nccs:
+                for c in per:
+                    c.to(device)
+            moved = True
+        if y2.shape[0] == 0:
+            continue
+        n_local += y2.shape[0]
+        for i, lay in enumerate(layers):
+            h = feats[lay.name].to(device)
+            if h.shape[1] != lay.dim:
+                raise ValueError(f"split {split!r}: layer {lay.name!r} has dimension {h.shape[1]}, expected {lay.dim}")
+            if keep is not None:
+                h = h[keep]
+            st = state[i]
+            x64 = h.to(F64)
+            if st.coll is not None:
+                st.coll._update(x64, y2, None)
+            for l, c in enumerate(nccs[i] if nccs else []):
+                yl = y2[:, l if ecols > 1 else 0]
+                st.ncc_correct[l] += (c.predict(x64) == yl).sum()
+            if probes:
+                yp = y2[:, cfg.probe_col if ecols > 1 else 0]
+                st.probe_correct += (probes[i].predict(x64) == yp).sum()
+
+    seen = comm.all_gather_object(ecols)
+    cols = next((c for c in seen if c is not None), None)
+    if cols is None:
+        raise ValueError(f"eval split {split!r} yielded no batches (on any process)")
+    if any(c is not None and c != cols for c in seen):
+        raise ValueError(f"processes disagree on the label columns of split {split!r}: {seen}")
+    if state is None:
+        state = _make_eval_state(layers, cols, collapse, cfg, comm.device)
+    n = int(comm.sum(n_local.to(comm.device)).item())
+    out: dict[str, Any] = {"__n__": n, "__bytes__": sum(st.nbytes for st in state)}
+    if n == 0:
+        raise ValueError(f"eval split {split!r} has no samples after masking")
+    esuffix = (lambda l: "") if cols == 1 or L == 1 else cfg.suffix
+    if collapse:
+        for st in state:
+            assert st.coll is not None
+            st.coll.all_reduce(comm)
+        _warn_nonfinite(split, [(lay.name, [st.coll]) for lay, st in zip(layers, state)])
+    for i, (lay, st) in enumerate(zip(layers, state)):
+        if st.coll is not None:
+            for l in range(st.coll.num_labelings):
+                for k, v in _collapse_values(st.coll.summary(l), cfg, lay.nc1_ok).items():
+                    out.setdefault(f"{k}/{split}{esuffix(l)}", []).append(v)
+        if nccs:
+            correct = comm.sum(st.ncc_correct)
+            for l in range(L):
+                out.setdefault(f"ncc_acc/{split}{cfg.suffix(l)}", []).append(float(correct[l]) / n)
+        if probes:
+            out.setdefault(f"probe_acc/{split}", []).append(float(comm.sum(st.probe_correct)) / n)
+    return out
+
+
+def _warn_nonfinite(split: str, layers: list[tuple[str, list[ClassStats | None]]]) -> None:
+    """One MetricWarning naming the layers whose features held NaN or inf (their metrics are NaN/inf)."""
+    bad = [
+        name for name, stats in layers
+        if any(st is not None and not bool(torch.isfinite(st.mean).all() and torch.isfinite(st.sq_dist).all())
+               for st in stats)
+    ]
+    if bad:
+        warnings.warn(f"split {split!r}: features of layers {bad} contain NaN or inf; their metrics are not finite",
+                      MetricWarning, stacklevel=3)
+
+
+def _eval_columns(ncols: int, L: int, split: str) -> int:
+    if ncols >= L:
+        return L
+    if ncols == 1:
+        return 1
+    raise ValueError(
+        f"split {split!r}: labels have {ncols} columns; give one column (used for every label vector) or {L}"
+    )
+
+
+def _make_eval_state(layers: list[_TrainLayer], ecols: int, collapse: bool, cfg: _Config, device) -> list[_EvalLayer]:
+    return [
+        _EvalLayer(lay.dim, num_labelings=ecols, nc1_ok=lay.nc1_ok, collapse=collapse, cfg=cfg, device=device)
+        for lay in layers
+    ]
+
+
+# ----------------------------------------------------------------------------- convenience API
+def _as_tensor(a: Any) -> Tensor:
+    if isinstance(a, Tensor):
+        return a.detach()
+    return torch.as_tensor(np.asarray(a))
+
+
+def class_summary(
+    features: Any, labels: Any, num_classes: int, *, scatter: bool = True, batch_size: int = 8192
+) -> ClassSummary:
+    """Exact per-class statistics of (N, D) features (torch or numpy) with (N,) labels, streamed in
+    chunks of ``batch_size`` rows through :class:`ClassStats`."""
+    x = _as_tensor(features)
+    y = _as_tensor(labels).reshape(-1).long()
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"features must be (N, D) and labels (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.dtype.is_floating_point:
+        x = x.to(F64)
+    st = ClassStats(num_classes, int(x.shape[1]), scatter=scatter, device=x.device)
+    check_labels(y, num_classes)
+    for i in range(0, x.shape[0], batch_size):
+        st._update(x[i:i + batch_size].to(F64), y[i:i + batch_size].unsqueeze(1).to(x.device), None)
+    return st.summary()
+
+
+def collapse_metrics(features: Any, labels: Any, num_classes: int, *, nc1_dim_cap: int = 1024) -> dict[str, float]:
+    """{"cdnv", "nc1", "nc2"} of one layer's features (N, D) under labels (N,), torch or numpy, float64,
+    through the same streaming accumulator as :func:`measure`. NC1 is NaN (with a MetricWarning) when
+    D > ``nc1_dim_cap``."""
+    x = _as_tensor(features)
+    ok = x.ndim == 2 and x.shape[1] <= nc1_dim_cap
+    s = class_summary(x, labels, num_classes, scatter=ok)
+    if not ok:
+        warnings.warn(f"NC1 skipped (NaN): D = {x.shape[1]} > nc1_dim_cap = {nc1_dim_cap}", MetricWarning, stacklevel=2)
+    return {"cdnv": cdnv(s), "nc1": nc1(s) if ok else math.nan, "nc2": nc2(s)}
+
+
+def ncc_accuracy(ref_features: Any, ref_labels: Any, features: Any, labels: Any, num_classes: int,
+                 *, batch_size: int = 8192) -> float:
+    """Nearest-class-mean accuracy: class means from (ref_features, ref_labels), applied to ``features``
+    and scored against ``labels`` (Papyan et al. 2020 NC4, scored against labels). Classes absent from
+    the reference are never predicted; their samples count as errors."""
+    ref = class_summary(ref_features, ref_labels, num_classes, scatter=False)
+    clf = NearestClassMean(ref)
+    x = _as_tensor(features)
+    y = _as_tensor(labels).reshape(-1).long()
+    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != ref.dim:
+        raise ValueError(f"features must be (N, {ref.dim}) and labels (N,); got {tuple(x.shape)}, {tuple(y.shape)}")
+    if y.numel() == 0:
+        raise ValueError("ncc_accuracy: no samples to score")
+    check_labels(y, num_classes)
+    clf.to(x.device)
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        correct += int((clf.predict(x[i:i + batch_size]) == y[i:i + batch_size].to(x.device)).sum())
+    return correct / int(y.shape[0])

@@ -1,0 +1,356 @@
+"""Streaming, exactly mergeable per-class statistics of one layer's features.
+
+Numerical method (why the results are exact to float64 rounding, never negative):
+
+* Every batch is converted to float64 and *centred on its own per-class batch means* (two-pass
+  inside the batch: sums by ``index_add``, then deviations). The batch's per-class sum of squared
+  deviations and, when requested, its within-class scatter ``U^T U`` are therefore computed from
+  small, centred numbers: no ``E[h^2] - E[h]^2`` cancellation, whatever the common offset.
+* Batches, parts and processes are combined with the parallel update of Chan, Golub & LeVeque
+  (1979): for groups a and b with counts n_a, n_b, means m_a, m_b and centred second moments
+  Q_a, Q_b, ``n = n_a + n_b``, ``m = m_a + (m_b - m_a) n_b / n`` and
+  ``Q = Q_a + Q_b + (n_a n_b / n) (m_b - m_a)(m_b - m_a)^T``. Every term is a sum of
+  non-negative quantities, so variances stay >= 0, and the result does not depend on batch size,
+  batch order or process count beyond float64 rounding.
+* The scatter update (batch term plus the per-class rank-one Chan corrections) is a single float64
+  ``addmm`` of the stacked matrix ``[U; sqrt(n_a n_b / n) (m_b - m_a)]`` per (label vector, part).
+
+Groups are indexed by (label vector l, part p, class k). Label vectors share the features (e.g.
+noisy and clean labels); parts split the samples of a split (e.g. the probe's fit and validation
+parts). Nothing is stored per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from pnc.metrics.comm import Comm
+
+F64 = torch.float64
+
+# Above this many classes, the rank-one Chan corrections only use the classes present in the batch
+# (one torch.nonzero per batch) instead of a dense K x D block.
+_SPARSE_CORRECTION_CLASSES = 64
+# On CUDA, parts are separated by zeroing rows (no sync); set True to use that path on the CPU too (tests).
+_DENSE_PARTS_ON_CPU = False
+
+
+def chan_merge(
+    n_a: Tensor, m_a: Tensor, q_a: Tensor, s_a: Tensor | None,
+    n_b: Tensor, m_b: Tensor, q_b: Tensor, s_b: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Merge two sets of per-group statistics (Chan, Golub & LeVeque 1979), batched.
+
+    ``n_*``: (..., G) int64 counts; ``m_*``: (..., G, D) float64 means; ``q_*``: (..., G) float64 sums
+    of squared distances to the group mean; ``s_*``: (..., D, D) float64 scatter summed over the G
+    groups (within-group scatter), or None. Returns the merged ``(n, m, q, s)``.
+    """
+    n = n_a + n_b
+    na = n_a.to(F64)
+    nb = n_b.to(F64)
+    nt = n.to(F64).clamp_min(1.0)
+    delta = m_b - m_a
+    mean = m_a + delta * (nb / nt).unsqueeze(-1)
+    c = na * nb / nt
+    q = q_a + q_b + c * delta.square().sum(-1)
+    s = None
+    if s_a is not None and s_b is not None:
+        d = delta * c.sqrt().unsqueeze(-1)
+        s = s_a + s_b + d.transpose(-1, -2) @ d
+    return n, mean, q, s
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    """Exact per-class statistics of one layer's features under one label vector (float64).
+
+    Attributes:
+        count: (K,) int64, samples per class (0 for a class absent from the data).
+        mean: (K, D) float64 class means (a zero row for an absent class).
+        sq_dist: (K,) float64, per class the sum over its samples of ||h_i - mu_k||^2.
+        scatter: (D, D) float64 pooled within-class scatter sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T,
+            or None when it was not accumulated (D above the cap).
+    """
+
+    count: Tensor
+    mean: Tensor
+    sq_dist: Tensor
+    scatter: Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[1])
+
+    @property
+    def total(self) -> int:
+        """N, the number of samples."""
+        return int(self.count.sum().item())
+
+    @property
+    def present(self) -> Tensor:
+        """(K,) bool: classes with at least one sample."""
+        return self.count > 0
+
+    def variances(self) -> Tensor:
+        """(K,) float64 var_k = sq_dist_k / n_k (no Bessel correction); NaN marks absent classes."""
+        n = self.count.to(F64)
+        return torch.where(n > 0, self.sq_dist / n.clamp_min(1.0), torch.full_like(n, float("nan")))
+
+    def global_mean(self) -> Tensor:
+        """(D,) float64 sample mean of all N features, mu_G = sum_k n_k mu_k / N."""
+        n = self.count.to(F64)
+        return (n.unsqueeze(1) * self.mean).sum(0) / n.sum().clamp_min(1.0)
+
+    def merge(self, other: "ClassSummary") -> "ClassSummary":
+        """Exact merge of the statistics of two disjoint sample sets."""
+        s_a, s_b = self.scatter, other.scatter
+        n, m, q, _ = chan_merge(self.count, self.mean, self.sq_dist, None, other.count, other.mean, other.sq_dist, None)
+        s = None
+        if s_a is not None and s_b is not None:
+            _, _, _, s = chan_merge(
+                self.count.unsqueeze(0), self.mean.unsqueeze(0), self.sq_dist.unsqueeze(0), s_a.unsqueeze(0),
+                other.count.unsqueeze(0), other.mean.unsqueeze(0), other.sq_dist.unsqueeze(0), s_b.unsqueeze(0),
+            )
+            s = s[0]
+        return ClassSummary(n, m, q, s)
+
+    def to(self, device: torch.device | str) -> "ClassSummary":
+        return ClassSummary(
+            self.count.to(device), self.mean.to(device), self.sq_dist.to(device),
+            None if self.scatter is None else self.scatter.to(device),
+        )
+
+
+class ClassStats:
+    """Streaming per-class sufficient statistics of one layer's features (B x D, any float dtype).
+
+    Args:
+        num_classes: K; labels must lie in [0, K).
+        dim: D, the feature dimension.
+        num_labelings: L, how many label vectors are accumulated over the same features.
+        num_parts: P, how many disjoint parts the samples are split into (``part`` argument of
+            :meth:`update`); e.g. 2 for a probe's fit / validation parts.
+        scatter: whether to accumulate the D x D within-class scatter; a bool for all label vectors
+            or one bool per label vector.
+        device: where the float64 state lives (default: CPU).
+
+    State (float64 except counts): ``count`` (L, P, K), ``mean`` (L, P, K, D), ``sq_dist`` (L, P, K),
+    ``scatter`` (number of label vectors with a scatter, P, D, D). O(L P (K D + D^2)) memory,
+    independent of the number of samples.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        num_labelings: int = 1,
+        num_parts: int = 1,
+        scatter: bool | Sequence[bool] = False,
+        device: torch.device | str | None = None,
+    ):
+        if num_classes < 1 or dim < 1 or num_labelings < 1 or num_parts < 1:
+            raise ValueError(
+                f"ClassStats needs num_classes, dim, num_labelings, num_parts >= 1; got "
+                f"{num_classes}, {dim}, {num_labelings}, {num_parts}"
+            )
+        K, D, L, P = int(num_classes), int(dim), int(num_labelings), int(num_parts)
+        flags = [bool(scatter)] * L if isinstance(scatter, bool) else [bool(s) for s in scatter]
+        if len(flags) != L:
+            raise ValueError(f"scatter has {len(flags)} flags for {L} label vectors")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.num_classes, self.dim, self.num_labelings, self.num_parts = K, D, L, P
+        self.scatter_labelings: tuple[int, ...] = tuple(i for i, f in enumerate(flags) if f)
+        self._scatter_slot = {l: j for j, l in enumerate(self.scatter_labelings)}
+        self.count = torch.zeros(L, P, K, dtype=torch.int64, device=dev)
+        self.mean = torch.zeros(L, P, K, D, dtype=F64, device=dev)
+        self.sq_dist = torch.zeros(L, P, K, dtype=F64, device=dev)
+        self.scatter: Tensor | None = (
+            torch.zeros(len(self.scatter_labelings), P, D, D, dtype=F64, device=dev) if self.scatter_labelings else None
+        )
+
+    # ------------------------------------------------------------------ streaming
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors."""
+        ts = [self.count, self.mean, self.sq_dist] + ([self.scatter] if self.scatter is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        part: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        check: bool = True,
+    ) -> None:
+        """Add a batch. ``features`` (B, D); ``labels`` (B,) or (B, L) integer; ``part`` (B,) integer in
+        [0, P) or None (all in part 0); ``mask`` (B,) bool, False rows are ignored (padding)."""
+        K, D, L, P = self.num_classes, self.dim, self.num_labelings, self.num_parts
+        dev = self.device
+        if features.ndim != 2 or features.shape[1] != D:
+            raise ValueError(f"features must have shape (B, {D}); got {tuple(features.shape)}")
+        if not torch.is_floating_point(features):
+            raise TypeError(f"features must be a floating-point tensor; got {features.dtype}")
+        y = labels.to(dev)
+        if y.ndim == 1:
+            y = y.unsqueeze(1)
+        if y.ndim != 2 or y.shape[0] != features.shape[0] or y.shape[1] < L:
+            raise ValueError(
+                f"labels must have shape (B,) or (B, >= {L}) with B = {features.shape[0]}; got {tuple(labels.shape)}"
+            )
+        y = y[:, :L].long()
+        x = features.to(device=dev, dtype=F64)
+        p = None if part is None else part.to(dev).long()
+        if mask is not None:
+            keep = mask.to(dev).bool()
+            x, y = x[keep], y[keep]
+            p = None if p is None else p[keep]
+        if x.shape[0] == 0:
+            return
+        if check:
+            check_labels(y, K)
+            if p is not None and (int(p.min()) < 0 or int(p.max()) >= P):
+                raise ValueError(f"part indices must lie in [0, {P}); got [{int(p.min())}, {int(p.max())}]")
+        self._update(x, y, None if P == 1 else p)
+
+    def _update(self, x: Tensor, y: Tensor, part: Tensor | None) -> None:
+        """Hot path: x (B, D) float64 on the state device, y (B, L) int64 validated, part (B,) or None."""
+        K, D, L, P = self.num_classes, self.dim, self.num_labelings, self.num_parts
+        G = P * K
+        if part is None and P > 1:
+            part = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        rows = pmask = None
+        if self.scatter is not None and P > 1:
+            if x.is_cuda or _DENSE_PARTS_ON_CPU:  # zero the other parts' rows: a few more FLOPs, no host-device sync
+                pmask = [(part == j).to(F64).unsqueeze(1) for j in range(P)]
+            else:
+                rows = [torch.nonzero(part == j).squeeze(1) for j in range(P)]
+        for l in range(L):
+            g = y[:, l] if P == 1 else part * K + y[:, l]
+            nb = torch.bincount(g, minlength=G)
+            nbf = nb.to(F64)
+            mb = x.new_zeros(G, D).index_add_(0, g, x).div_(nbf.clamp_min(1.0).unsqueeze(1))
+            u = x - mb.index_select(0, g)
+            qb = x.new_zeros(G).index_add_(0, g, u.square().sum(1))
+            n_a = self.count[l].view(G)
+            m_a = self.mean[l].view(G, D)
+            q_a = self.sq_dist[l].view(G)
+            naf = n_a.to(F64)
+            nt = (naf + nbf).clamp_min(1.0)
+            delta = mb - m_a
+            c = naf * nbf / nt
+            slot = self._scatter_slot.get(l)
+            if slot is not None:
+                assert self.scatter is not None
+                for j in range(P):
+                    if rows is not None:
+                        uj = u.index_select(0, rows[j])
+                    elif pmask is not None:
+                        uj = u * pmask[j]
+                    else:
+                        uj = u
+                    cj = c[j * K:(j + 1) * K]
+                    dj = delta[j * K:(j + 1) * K]
+                    if K > _SPARSE_CORRECTION_CLASSES:
+                        sel = torch.nonzero(cj).squeeze(1)
+                        cj, dj = cj.index_select(0, sel), dj.index_select(0, sel)
+                    a = torch.cat([uj, dj * cj.sqrt().unsqueeze(1)])
+                    self.scatter[slot, j].addmm_(a.T, a)
+            q_a.add_(qb).add_(c * delta.square().sum(1))
+            m_a.add_(delta * (nbf / nt).unsqueeze(1))
+            n_a.add_(nb)
+
+    # ------------------------------------------------------------------ merging
+    def _check_compatible(self, other: "ClassStats") -> None:
+        a = (self.num_classes, self.dim, self.num_labelings, self.num_parts, self.scatter_labelings)
+        b = (other.num_classes, other.dim, other.num_labelings, other.num_parts, other.scatter_labelings)
+        if a != b:
+            raise ValueError(f"cannot merge ClassStats with different layouts: {a} vs {b}")
+
+    def merge_(self, other: "ClassStats") -> "ClassStats":
+        """Merge ``other`` (disjoint samples) into ``self``, exactly; returns ``self``."""
+        self._check_compatible(other)
+        o_count, o_mean, o_sq = (t.to(self.device) for t in (other.count, other.mean, other.sq_dist))
+        if self.scatter is not None:
+            assert other.scatter is not None
+            idx = list(self.scatter_labelings)
+            _, _, _, s = chan_merge(
+                self.count[idx], self.mean[idx], self.sq_dist[idx], self.scatter,
+                o_count[idx], o_mean[idx], o_sq[idx], other.scatter.to(self.device),
+            )
+            self.scatter = s
+        n, m, q, _ = chan_merge(self.count, self.mean, self.sq_dist, None, o_count, o_mean, o_sq, None)
+        self.count, self.mean, self.sq_dist = n, m, q
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.count, self.mean, self.sq_dist] + ([self.scatter] if self.scatter is not None else [])
+
+    def empty_like(self) -> "ClassStats":
+        flags = [l in self._scatter_slot for l in range(self.num_labelings)]
+        return ClassStats(
+            self.num_classes, self.dim, num_labelings=self.num_labelings, num_parts=self.num_parts,
+            scatter=flags, device=self.device,
+        )
+
+    def all_reduce(self, comm: Comm | None = None, *, accelerator=None) -> "ClassStats":
+        """Replace the state by the exact merge over all processes (rank order), in place.
+
+        Every process must call this with a ClassStats of the same layout. Uses ``comm`` or builds one
+        from ``accelerator`` / ``torch.distributed``.
+        """
+        comm = comm if comm is not None else Comm(accelerator)
+        if comm.world_size == 1:
+            return self
+        gathered = [comm.all_gather(t) for t in self.state_tensors()]
+        merged = self.empty_like()
+        for r in range(comm.world_size):
+            other = self.empty_like()
+            other.count, other.mean, other.sq_dist = gathered[0][r], gathered[1][r], gathered[2][r]
+            if self.scatter is not None:
+                other.scatter = gathered[3][r]
+            merged.merge_(other)
+        self.count, self.mean, self.sq_dist, self.scatter = merged.count, merged.mean, merged.sq_dist, merged.scatter
+        return self
+
+    # ------------------------------------------------------------------ results
+    def summary(self, labeling: int = 0, part: int | None = None) -> ClassSummary:
+        """The :class:`ClassSummary` of one label vector, for one part or (``part=None``) all parts merged."""
+        if not 0 <= labeling < self.num_labelings:
+            raise IndexError(f"labeling {labeling} out of range [0, {self.num_labelings})")
+        slot = self._scatter_slot.get(labeling)
+        parts = range(self.num_parts) if part is None else [part]
+        out: ClassSummary | None = None
+        for j in parts:
+            s = ClassSummary(
+                self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
+                None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
+            )
+            out = s if out is None else out.merge(s)
+        assert out is not None
+        return out
+
+
+def check_labels(y: Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every label lies in [0, num_classes)."""
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]. "
+            "Pass the right num_classes, or mask out unlabelled samples."
+        )
