@@ -75,8 +75,14 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
     its slope's magnitude is below ``plateau_ratio`` times the smaller of the outer slopes'
     magnitudes, and (3) the three-segment model beats the one- and two-segment models by BIC.
     Confidence = BIC weight of the three-segment model x (1 - |middle slope| / min outer |slope|).
+    A final value equal to its predecessor (the pooled penultimate tap repeating the last block) is
+    dropped first; indices refer to the curve as given.
     """
     y_raw = np.asarray(cdnv, dtype=np.float64)
+    # The "penultimate" tap (pooled classifier input) often repeats the last block's pooled features
+    # exactly; a repeated final value is one layer, not a plateau.
+    while len(y_raw) > 1 and np.isfinite(y_raw[-1]) and abs(y_raw[-1] - y_raw[-2]) <= 1e-9 * abs(y_raw[-2]):
+        y_raw = y_raw[:-1]
     if len(y_raw) < MIN_POINTS:
         return Transition(False, 0.0, reason=f"too few layers ({len(y_raw)} < {MIN_POINTS})")
     if not np.all(np.isfinite(y_raw)) or np.any(y_raw <= 0):
