@@ -68,7 +68,7 @@ def run_frame(experiment: str, role: str = "cell") -> pd.DataFrame:
     rows = []
     for r in _runs(experiment, role):
         row = {"run_id": r.info.run_id, **{k: v for k, v in r.data.tags.items() if k.startswith("pnc.") or k in ("source", "target")}}
-        row.update({k: v for k, v in r.data.metrics.items() if "/" not in k or k.startswith(("train/final", "test/", "noise/", "final/", "best/"))})
+        row.update({k: v for k, v in r.data.metrics.items() if "/" not in k or k.startswith(("train/", "test/", "val/", "noise/", "final/", "best/", "efficient_depth/", "noise_map/", "transfer/"))})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -227,18 +227,21 @@ def render_study(spec: Any, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / spec.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out))
+    old = None
     try:
         render = {"depth_sweep": _render_depth, "noise_sweep": _render_noise, "domain_transfer": _render_transfer}[spec.kind]
         sections = render(spec, tmp)
         (tmp / "index.html").write_text(_page(f"{spec.name} ({spec.kind})", [("About", html.escape(spec.description or ""))] + sections))
-        old = None
         if final.exists():
             old = out / f".{spec.name}-old-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
+        if old is not None and old.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # interrupted between the two renames: put the previous report back
+                os.replace(old, final)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -78,6 +78,16 @@ def cell_params(spec: Any, cell: Any) -> dict[str, str]:
     return params
 
 
+def log_params_once(run_id: str, params: dict[str, Any]) -> None:
+    """Log the params ``run_id`` does not hold yet. MLflow params are immutable; a reused run (the study's
+    parent, a resumed cell) keeps a key's first value: the cell id pins every field that changes a cell's
+    results, and the parent's ``pnc.spec_digest`` tag names the latest spec."""
+    from . import tracking
+
+    have = tracking._retrying(lambda: tracking.client().get_run(run_id)).data.params
+    tracking.log_params(run_id, {k: v for k, v in params.items() if k not in have})
+
+
 # ----------------------------------------------------------------------------- measurement
 def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_classes: int, label_names,
                   progress: bool, ncc_train: bool = False) -> tuple[dict[str, list], list[str], dict[str, float]]:
@@ -295,7 +305,6 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
     from . import tracking
     from .data.registry import load_cell_data
     from .spec import spec_digest
-    from .train import make_accelerator
 
     if spec.kind == "domain_transfer":
         from .transfer import run_transfer_study
@@ -303,11 +312,8 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
         return run_transfer_study(spec, cells, spec_path=spec_path, force=force, progress=progress, results_path=results_path,
                                   overrides=overrides)
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     progress = progress and sys.stderr.isatty()
-    accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
-    main = accelerator.is_main_process
-    # Data first: a missing dataset stops the run before any model is built or run created.
+    # Data first: a missing dataset stops the run before torch is imported, any model built or run created.
     data_cache: dict[str, Any] = {}
 
     def data_for(cell):
@@ -317,15 +323,20 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
         return data_cache[key]
 
     data_for(cells[0])
+    from .train import make_accelerator  # imports torch
+
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
+    main = accelerator.is_main_process
     outcomes: list[CellOutcome] = []
-    exp_id = parent = None
-    if main:
-        exp_id = tracking.experiment_id(spec.experiment)
-        parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path),
-                                                          tracking.TAG_SPEC_DIGEST: spec_digest(spec),
-                                                          "pnc.kind": spec.kind, **tracking.git_state()})
-        tracking.log_params(parent, {k: v for k, v in cell_params(spec, cells[0]).items() if not k.startswith(("model.", "noise."))})
+    exp_id = parent = open_run = None
     try:
+        if main:
+            exp_id = tracking.experiment_id(spec.experiment)
+            parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path),
+                                                              tracking.TAG_SPEC_DIGEST: spec_digest(spec),
+                                                              "pnc.kind": spec.kind, **tracking.git_state()})
+            log_params_once(parent, {k: v for k, v in cell_params(spec, cells[0]).items() if not k.startswith(("model.", "noise."))})
         for i, cell in enumerate(cells):
             data = data_for(cell)
             digest = data_digest(data.inputs)
@@ -340,9 +351,10 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                     reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
                     tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
-                    tags.pop(tracking.TAG_FAILURE, None)
-                    run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)
-                    tracking.log_params(run_id, cell_params(spec, cell))
+                    run_id = open_run = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)
+                    if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
+                        tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
+                    log_params_once(run_id, cell_params(spec, cell))
                     tracking.log_inputs(run_id, data.inputs if reuse is None else [])
             if accelerator.num_processes > 1:
                 from accelerate.utils import broadcast_object_list
@@ -364,6 +376,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                 if main:
                     tracking.log_tags(run_id, {tracking.TAG_FAILURE: str(e)})
                     tracking.end_run(run_id, "FAILED")
+                    open_run = None
                     ckpt = CHECKPOINT_ROOT / spec.experiment / f"{cell.id}.pt"
                     if ckpt.exists():
                         ckpt.unlink()
@@ -381,23 +394,31 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                 raise
             if main:
                 tracking.end_run(run_id, "FINISHED")
+                open_run = None
                 summary["seconds"] = round(time.time() - t0, 1)
                 print(f"  done in {summary['seconds']:.0f}s: train acc {summary['train_final_acc']:.4f}, "
                       f"test acc {summary['test_acc']:.4f}" + (f", final-layer probe {summary['final_probe_acc']:.4f}"
                                                                if "final_probe_acc" in summary else ""), file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
+        failed = [o for o in outcomes if o.status == "FAILED"]
+        if main:  # inside the try: an interrupt here still closes the parent run
+            log_study_summary(spec, parent)
+            if results_path:
+                _write_results(Path(results_path), spec, outcomes)
+            tracking.end_run(parent, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt:
+        if main:  # also a cell run interrupted between its creation and its training
+            for r in (open_run, parent):
+                if r:
+                    tracking.end_run(r, "KILLED")
+        raise
+    except Exception:
         if main and parent:
-            tracking.end_run(parent, "KILLED")
+            tracking.end_run(parent, "FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
-    failed = [o for o in outcomes if o.status == "FAILED"]
     if main:
-        log_study_summary(spec, parent)
-        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-        if results_path:
-            _write_results(Path(results_path), spec, outcomes)
         done = sum(o.status == "FINISHED" for o in outcomes)
         skipped = sum(o.status == "SKIPPED" for o in outcomes)
         print(f"{spec.name}: {done} cell(s) run, {skipped} skipped, {len(failed)} failed (MLflow: {tracking.tracking_uri()}, "

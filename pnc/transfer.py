@@ -89,29 +89,29 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                        results_path: str | None = None, overrides: list[str] | None = None) -> int:
     from . import tracking
     from .data.registry import load_cell_data
-    from .data.torchdata import ImageDataset
     from .runner import (CHECKPOINT_ROOT, CellOutcome, Terminated, _on_sigterm, _train_cell, _write_results, cell_params,
-                         cell_tags, data_digest, measure_model)
+                         cell_tags, data_digest, log_params_once, measure_model)
     from .spec import spec_digest
-    from .train import make_accelerator
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     progress = progress and sys.stderr.isatty()
-    accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
-    main = accelerator.is_main_process
     info = spec.dataset.info
     size, ch = spec.dataset.size, info.channels
     domains = list(dict.fromkeys([*spec.transfer.sources, *spec.transfer.targets]))
-    # Data first: every domain's splits, before any model is built or run created.
+    # Data first: every domain's splits, before torch is imported, any model built or run created.
     data = {d: load_cell_data(spec, cells[0], domain=d) for d in domains}
-    exp_id = tracking.experiment_id(spec.experiment) if main else None
-    parent = None
-    if main:
-        parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
-                                                          "pnc.kind": spec.kind, **tracking.git_state()})
+    from .train import make_accelerator  # imports torch
+
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
+    main = accelerator.is_main_process
+    exp_id = parent = None
     outcomes: list[CellOutcome] = []
     k = spec.probe.samples_per_class
     try:
+        if main:
+            exp_id = tracking.experiment_id(spec.experiment)
+            parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
+                                                              "pnc.kind": spec.kind, **tracking.git_state()})
         for i, cell in enumerate(cells):
             src = data[cell.source]
             digest = data_digest(src.inputs)
@@ -131,7 +131,9 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
                     run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse, run_name=f"{cell.name} (source training)")
-                    tracking.log_params(run_id, cell_params(spec, cell))
+                    if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
+                        tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
+                    log_params_once(run_id, cell_params(spec, cell))
                     tracking.log_inputs(run_id, [] if reuse else src.inputs)
                     print(f"[{i + 1}/{len(cells)}] {cell.name}: training on {cell.source} (run {run_id})", file=sys.stderr)
                 if accelerator.num_processes > 1:
@@ -212,7 +214,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                         trun = tracking.start_cell_run(exp_id, parent, tc, tags, role="transfer", reuse=reuse,
                                                        run_name=f"{cell.model.name}: {cell.source} -> {target}")
                         tracking.client().set_tag(trun, tracking.TAG_CELL, tcell_id)
-                        tracking.log_params(trun, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
+                        log_params_once(trun, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
                         if reuse is None:
                             tracking.log_inputs(trun, tdat.inputs)
                             _log_model_input(trun, mv)
@@ -242,20 +244,25 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                           f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
+        failed = [o for o in outcomes if o.status == "FAILED"]
+        if main:  # inside the try: an interrupt here still closes the parent run
+            from .runner import log_study_summary
+
+            log_study_summary(spec, parent)
+            if results_path:
+                _write_results(Path(results_path), spec, outcomes)
+            tracking.end_run(parent, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt:
         if main and parent:
             tracking.end_run(parent, "KILLED")
         raise
+    except Exception:
+        if main and parent:
+            tracking.end_run(parent, "FAILED")
+        raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
-    failed = [o for o in outcomes if o.status == "FAILED"]
     if main:
-        from .runner import log_study_summary
-
-        log_study_summary(spec, parent)
-        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-        if results_path:
-            _write_results(Path(results_path), spec, outcomes)
         for o in failed:
             print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
     return 1 if failed else 0
