@@ -222,18 +222,20 @@ def _where() -> str:
     return tracking_uri()
 
 
-def render_study(spec: Any, out: Path) -> Path:
-    """Write ``out/<study>/index.html`` (+ chart HTML/PNG files) atomically; returns the folder."""
+def publish(out: Path, name: str, fill) -> Path:
+    """Render into a temporary folder beside ``out/name`` with ``fill(tmp)``, then swap it in.
+
+    Never leaves a half-written ``out/name``: an interrupt before the swap keeps the previous
+    folder; one between the two renames puts the previous folder back.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    final = out / spec.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out))
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     old = None
     try:
-        render = {"depth_sweep": _render_depth, "noise_sweep": _render_noise, "domain_transfer": _render_transfer}[spec.kind]
-        sections = render(spec, tmp)
-        (tmp / "index.html").write_text(_page(f"{spec.name} ({spec.kind})", [("About", html.escape(spec.description or ""))] + sections))
+        fill(tmp)
         if final.exists():
-            old = out / f".{spec.name}-old-{os.getpid()}"
+            old = out / f".{name}-old-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
     finally:
@@ -245,6 +247,17 @@ def render_study(spec: Any, out: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def render_study(spec: Any, out: Path) -> Path:
+    """Write ``out/<study>/index.html`` (+ chart HTML/PNG files) atomically; returns the folder."""
+
+    def fill(tmp: Path) -> None:
+        render = {"depth_sweep": _render_depth, "noise_sweep": _render_noise, "domain_transfer": _render_transfer}[spec.kind]
+        sections = render(spec, tmp)
+        (tmp / "index.html").write_text(_page(f"{spec.name} ({spec.kind})", [("About", html.escape(spec.description or ""))] + sections))
+
+    return publish(out, spec.name, fill)
 
 
 def render_index(out: Path) -> Path:
@@ -370,10 +383,8 @@ def render_compare(studies: list[str], out: Path, metric: str | None = None) -> 
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     name = "compare-" + "-".join(_experiment_of(s)[0] for s in studies)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    try:
+
+    def fill(tmp: Path) -> None:
         log = (df.value > 0).all()
         chart = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
             x=alt.X("rel_depth:Q", title="relative depth (layer / last layer)"),
@@ -385,13 +396,8 @@ def render_compare(studies: list[str], out: Path, metric: str | None = None) -> 
         table = df.groupby(["study", "curve"]).agg(layers=("layer", "max"), first=("value", "first"), last=("value", "last")).reset_index()
         table["layers"] += 1
         (tmp / "index.html").write_text(_page(name, [("Overlay on relative depth", _figure("compare")), ("Curves", _table(table))]))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return publish(out, name, fill)
 
 
 def estimate_noise_for_run(run_id: str, calibration: str | None = None) -> list[dict]:

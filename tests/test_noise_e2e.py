@@ -1,0 +1,73 @@
+"""A small noise sweep end to end: per-layer keys, memorization, parent-run analyses, estimate-noise, compare."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["--set", "train.epochs=2", "--set", "models=[resnet8]", "--set", "noise.label=[{kind: symmetric, rates: [0.0, 0.3, 0.6]}]",
+        "--set", "noise.input=[{corruption: gaussian_noise, severities: [2]}]"]
+
+
+def pnc(args, cwd: Path, timeout: int = 900):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}")
+    return subprocess.run([sys.executable, "-m", "pnc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    r = pnc(["run", "specs/digits_noise.yaml", *SETS], tmp_path)
+    assert r.returncode == 0, r.stderr
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("digits_noise")
+    runs = {x.data.tags.get("pnc.noise"): x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("pnc.role") == "cell"}
+    assert set(runs) == {"clean", "symmetric:0.3", "symmetric:0.6", "gaussian_noise:2"}
+    n_layers = 4
+    for tag, run in runs.items():
+        for key in ("cdnv/train_noisy", "cdnv/train_clean", "nc2/train_noisy", "mem_ratio/train", "probe_acc/test"):
+            steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(n_layers)), (tag, key)
+        assert "pnc.memorization_layers" in run.data.tags
+        arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert "memorization_layers.json" in arts
+        if tag != "clean":
+            assert "derived_split_manifest.json" in arts
+            names = {d.dataset.name for d in run.inputs.dataset_inputs}
+            assert f"digits_noise/{tag.replace(':', '-')}" in names
+    rate = runs["symmetric:0.6"].data.metrics["noise/realized_rate"]
+    assert 0.6 * 0.9 - 0.03 < rate < 0.6 * 0.9 + 0.03, "a fraction r gets a uniformly random label: E[changed] = r (K-1)/K"
+    mem = [m.value for m in sorted(c.get_metric_history(runs["clean"].info.run_id, "mem_ratio/train"), key=lambda m: m.step)]
+    assert mem == [1.0] * n_layers, "on clean data the memorization ratio is 1 by definition"
+    assert "train/clean_input_acc" in runs["gaussian_noise:2"].data.metrics
+
+    parent = next(x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("pnc.role") == "study")
+    assert parent.info.status == "FINISHED"
+    assert "noise_map/resnet8/symmetric/loo_mae" in parent.data.metrics
+    analysis = json.loads(Path(c.download_artifacts(parent.info.run_id, "analysis.json", str(tmp_path))).read_text())
+    assert analysis["noise_maps"]["resnet8/symmetric"]["levels"] == [0.0, 0.3, 0.6]
+
+    est = pnc(["estimate-noise", runs["symmetric:0.3"].info.run_id, "--json"], tmp_path)
+    assert est.returncode == 0, est.stderr
+    rows = json.loads(est.stdout)
+    assert {r["kind"] for r in rows} >= {"symmetric"} and all(r["model"] == "resnet8" for r in rows)
+
+    rep = pnc(["report", "specs/digits_noise.yaml"], tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    page = (tmp_path / "reports/digits_noise/index.html").read_text()
+    assert "Memorization layers" in page and "Noise-level estimation" in page
+    assert (tmp_path / "reports/digits_noise/noise_symmetric.png").exists()
+
+    cmp_ = pnc(["compare", "specs/digits_noise.yaml", "specs/digits_noise.yaml", "--metric", "nc2/train_noisy"], tmp_path)
+    assert cmp_.returncode == 0, cmp_.stderr
+    assert (tmp_path / "reports/compare-digits_noise-digits_noise/compare.png").exists()
+    missing = pnc(["compare", "specs/digits_depth.yaml"], tmp_path)
+    assert missing.returncode == 1 and "no finished runs" in missing.stderr
