@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pnc-installed
 
-.PHONY: install repro test bench clean-venv
+.PHONY: install repro test bench clean-venv chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ install: $(STAMP)
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: $(STAMP)
+# headless Chromium for tests/test_browser.py (Debian's package; root, or sudo when not root)
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+chromium:
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+test: $(STAMP) chromium
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --timeout 900
 
 bench: $(STAMP)

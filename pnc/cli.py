@@ -189,6 +189,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from .tracking import tracking_uri
 
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser (its UI is served there).")
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C to stop")
     os.execv(sys.executable, cmd)

@@ -41,11 +41,19 @@ def tracking_uri() -> str:
     return f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
 
 
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI (query string dropped), or None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else path
+
+
 def _prepare_sqlite(uri: str) -> None:
     """WAL journal + busy timeout so that several pnc processes can share one local store."""
-    if not uri.startswith("sqlite:///"):
+    path = _sqlite_path(uri)
+    if path is None:
         return
-    path = uri[len("sqlite:///"):]
     import sqlite3
 
     for attempt in range(20):
@@ -60,6 +68,38 @@ def _prepare_sqlite(uri: str) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def _init_store(uri: str, make_client):
+    """Create the client and, for a local SQLite store, its tables under an exclusive file lock.
+
+    MLflow 3.x creates and migrates a fresh SQLite store's tables when the store is first opened,
+    without a lock: two processes starting on a new ``mlflow.db`` at once both migrate, and one
+    fails ('duplicate column name', 'table ... already exists'). The lock file sits beside the
+    database (``mlflow.db-pnc-init.lock``), so it serialises every pnc process on that store.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return make_client()
+    import fcntl
+
+    try:  # import the SQL stores before taking the lock: the lock is held for less time
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except ImportError:  # pragma: no cover - other MLflow layouts: imported under the lock instead
+        pass
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}-pnc-init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _prepare_sqlite(uri)
+            c = make_client()
+            # open both stores now (tracking and model registry): this is what creates the tables
+            _retrying(lambda: c.search_experiments(max_results=1))
+            _retrying(lambda: c.search_registered_models(max_results=1))
+            return c
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 _CLIENT = None
 
 
@@ -71,9 +111,8 @@ def client():
 
     uri = tracking_uri()
     if _CLIENT is None or _CLIENT._tracking_client.tracking_uri != uri:
-        _prepare_sqlite(uri)
         mlflow.set_tracking_uri(uri)
-        _CLIENT = _retrying(lambda: MlflowClient(tracking_uri=uri))
+        _CLIENT = _init_store(uri, lambda: _retrying(lambda: MlflowClient(tracking_uri=uri)))
     return _CLIENT
 
 
@@ -121,16 +160,37 @@ def _search(exp_id: str, filter_string: str, max_results: int = 1000) -> list:
                                            order_by=["attributes.start_time DESC"]))
 
 
-def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
-    """The study's parent run (reused across invocations: running a study twice adds no runs)."""
-    c = client()
+_PARENT_SETTLE_S = 2.0  # longer than any create_run takes to commit
+
+
+def _study_parents(exp_id: str, study: str) -> list:
+    """The study's parent runs, the canonical one (oldest start time, then smallest run id) first."""
     runs = _search(exp_id, f"tags.`{TAG_STUDY}` = '{study}' and tags.`{TAG_ROLE}` = 'study'")
-    if runs:
-        run_id = runs[0].info.run_id
-        log_tags(run_id, tags)
-        return run_id
-    run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
-    return run.info.run_id
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
+    """The study's parent run (reused across invocations: running a study twice adds no runs).
+
+    Several processes may start cells of one study at once (``pnc run --cell`` fanned out): each
+    may find no parent and create one. So a process that created a parent (or found a young one)
+    waits until concurrent creations have committed, then every process takes the same canonical
+    parent (the oldest), and a process whose own new parent lost deletes it.
+    """
+    c = client()
+    runs = _study_parents(exp_id, study)
+    mine = None
+    if not runs:
+        run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
+        mine = run.info.run_id
+    if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
+        time.sleep(_PARENT_SETTLE_S)
+        runs = _study_parents(exp_id, study) or runs
+    run_id = runs[0].info.run_id if runs else mine
+    if mine is not None and mine != run_id:
+        _retrying(lambda: c.delete_run(mine))
+    log_tags(run_id, tags)
+    return run_id
 
 
 def find_cell_run(exp_id: str, cell_id: str, role: str = "cell", extra: str = "") -> Any | None:
