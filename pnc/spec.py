@@ -201,28 +201,25 @@ def _no_duplicates(v: list) -> list:
 
 
 # ----------------------------------------------------------------------------- noise
-class SymmetricNoiseSpec(_Spec):
+class _RateNoiseSpec(_Spec):
+    rates: list[float] = Field(min_length=1)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        return _check_rates(v)
+
+
+class SymmetricNoiseSpec(_RateNoiseSpec):
     """A fraction r of training samples gets a uniformly random label (Zhang et al. 2017)."""
 
     kind: Literal["symmetric"]
-    rates: list[float] = Field(min_length=1)
-
-    @field_validator("rates")
-    @classmethod
-    def _rates(cls, v: list[float]) -> list[float]:
-        return _check_rates(v)
 
 
-class ClassDependentNoiseSpec(_Spec):
+class ClassDependentNoiseSpec(_RateNoiseSpec):
     """Each class flips with probability p to confusable classes (a seeded transition matrix)."""
 
     kind: Literal["class_dependent"]
-    rates: list[float] = Field(min_length=1)
-
-    @field_validator("rates")
-    @classmethod
-    def _rates(cls, v: list[float]) -> list[float]:
-        return _check_rates(v)
 
 
 class HumanNoiseSpec(_Spec):

@@ -180,7 +180,7 @@ def test_cells_and_ids_are_stable(tmp_path: Path) -> None:
     assert [c.name for c in cells] == ["tiny@model=resnet8", "tiny@model=resnet14"]
     assert [c.id for c in cells] == [c.id for c in expand(load_spec(write(tmp_path, GOOD)))]
     # changing one model's options changes that cell only; changing the recipe changes all
-    other = expand(load_spec(write(tmp_path, GOOD.replace("resnet14]", "{name: resnet14, cifar_stem: false}]"))))
+    other = expand(load_spec(write(tmp_path, GOOD.replace("resnet14]", "{name: resnet14, source: pnc}]"))))
     assert other[0].id == cells[0].id and other[1].id != cells[1].id
     longer = expand(load_spec(write(tmp_path, GOOD.replace("epochs: 2", "epochs: 3"))))
     assert all(a.id != b.id for a, b in zip(cells, longer))
