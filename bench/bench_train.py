@@ -1,7 +1,7 @@
 """Training throughput: pnc's loop (Accelerate, per-epoch checkpoints, divergence checks) vs a plain
 PyTorch loop on the same model and data, measured side by side in one run (goal: ratio >= 0.95).
 
-Runs alternate (plain, pnc, plain, pnc, ...) so that load on a shared machine affects both alike;
+Runs alternate in ABBA order (plain, pnc, pnc, plain, ...) so that load on a shared machine affects both alike;
 the ratio of medians is printed. On a GPU, ``--precision bf16`` uses autocast in both loops, and a
 measurement pass (all blocks, avgpool, all metrics) is timed too.
 
@@ -92,13 +92,19 @@ def main() -> None:
     tspec = TrainSpec(epochs=args.epochs, batch_size=args.batch_size, num_workers=args.workers, precision=args.precision)
     images = args.samples * args.epochs
     plain, ours = [], []
-    for r in range(args.repeats + 1):  # the first pair warms up and is discarded
-        torch.manual_seed(r)
-        m1 = build_model(args.model, num_classes=10, image_size=args.image_size)
-        t_plain = plain_loop(m1, ds, tspec, device, args.precision)
-        torch.manual_seed(r)
-        m2 = build_model(args.model, num_classes=10, image_size=args.image_size)
-        t_pnc = pnc_loop(m2, ds, tspec, args.precision)
+    for r in range(args.repeats + 1):  # the first pair warms up and is discarded; the order alternates (ABBA)
+        def run_plain() -> float:
+            torch.manual_seed(r)
+            return plain_loop(build_model(args.model, num_classes=10, image_size=args.image_size), ds, tspec, device, args.precision)
+
+        def run_pnc() -> float:
+            torch.manual_seed(r)
+            return pnc_loop(build_model(args.model, num_classes=10, image_size=args.image_size), ds, tspec, args.precision)
+
+        if r % 2:
+            t_pnc, t_plain = run_pnc(), run_plain()
+        else:
+            t_plain, t_pnc = run_plain(), run_pnc()
         if r:
             plain.append(images / t_plain)
             ours.append(images / t_pnc)

@@ -129,22 +129,27 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
         for g in optimizer.param_groups:
             g["lr"] = lr_at(epoch, tspec)
         model.train()
-        tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+        # Loss sum, correct count, sample count and the largest batch loss stay on the device: one host
+        # sync per epoch, not per batch. A NaN anywhere propagates into the maximum.
+        tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        worst = torch.full((), -math.inf, dtype=torch.float64, device=accelerator.device)
         for x, y, _ in loader:
             target = y[:, 0]
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     logits = model(x)
                     loss = loss_fn(logits.float(), target)
-                if not torch.isfinite(loss) or loss.item() > tspec.max_loss:
-                    raise TrainingError(f"loss became {loss.item():.4g} at epoch {epoch} (max_loss {tspec.max_loss:g}); "
-                                        "lower train.optimizer.lr or check the data")
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            n = target.numel()
-            tot += torch.tensor([loss.item() * n, (logits.argmax(1) == target).sum().item(), n],
-                                dtype=torch.float64, device=accelerator.device)
+            lv = loss.detach().double()
+            worst = torch.maximum(worst, lv)  # NaN propagates
+            tot += torch.stack([lv * target.numel(), (logits.detach().argmax(1) == target).sum().double(),
+                                torch.tensor(float(target.numel()), dtype=torch.float64, device=tot.device)])
+        w = worst.item()
+        if not math.isfinite(w) or w > tspec.max_loss:
+            raise TrainingError(f"loss became {w:.4g} at epoch {epoch} (max_loss {tspec.max_loss:g}); "
+                                "lower train.optimizer.lr or check the data")
         tot = accelerator.reduce(tot, reduction="sum")
         loss_v, acc_v = (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
         if on_epoch is not None and accelerator.is_main_process:
