@@ -61,6 +61,9 @@ def test_depth_sweep_smoke(project: Path) -> None:
         layers = json.loads(Path(c.download_artifacts(child.info.run_id, "layers.json", str(project / "dl"))).read_text())
         assert len(layers) == n and layers[str(n - 1)] == "penultimate"
         assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits/train", "digits/test"}
+    lin = pnc(["lineage", children[0].info.run_id], project)
+    assert lin.returncode == 0, lin.stdout + lin.stderr
+    assert "data/embedded/digits/train" in lin.stdout and "consistent" in lin.stdout
     res = json.loads((project / "results" / "digits_depth.json").read_text())
     assert [cell["status"] for cell in res["cells"]] == ["FINISHED", "FINISHED"]
 
