@@ -283,20 +283,32 @@ def test_report_interrupted_between_the_two_renames_restores_previous(finished: 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigint_during_pnc_report_keeps_previous_report(finished: Path, tmp_path: Path) -> None:
-    d = tmp_path / "copy"
-    shutil.copytree(finished, d)
-    out = d / "reports"
-    before = _snapshot(out / "digits_depth")
-    p = subprocess.Popen(_cmd("report", "specs/digits_depth.yaml"), cwd=d, env=_env(d), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    # signal once the first chart of the new report is written into its temporary folder
-    while not any((out / t / "layers.html").exists() for t in _tmp_dirs(out)) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert p.poll() is None, "pnc report ended before its first chart was written"
-    _interrupted(p, signal.SIGINT)
-    assert _snapshot(out / "digits_depth") == before
-    assert _tmp_dirs(out) == []
+    # The signal must land while the new report is being drawn. On a fast, quiet machine the rest of the
+    # report can finish between the first chart and the signal (or a library call can swallow it); such
+    # an attempt proves nothing, so it is repeated (at most 3 times) rather than counted.
+    for attempt in range(3):
+        d = tmp_path / f"copy{attempt}"
+        shutil.copytree(finished, d)
+        out = d / "reports"
+        before = _snapshot(out / "digits_depth")
+        p = subprocess.Popen(_cmd("report", "specs/digits_depth.yaml"), cwd=d, env=_env(d), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        # signal once the first chart of the new report is written into its temporary folder (not the old one)
+        while (not any((out / t / "layers.html").exists() for t in _tmp_dirs(out) if "-old-" not in t)
+               and p.poll() is None and time.time() < deadline):
+            time.sleep(0.005)
+        assert p.poll() is None, "pnc report ended before its first chart was written"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=180)
+        if p.returncode == 0:
+            continue  # finished before the signal took effect: try again
+        assert p.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err and "internal error" not in err, err
+        assert _snapshot(out / "digits_depth") == before
+        assert _tmp_dirs(out) == []
+        return
+    pytest.fail("pnc report finished before SIGINT took effect in 3 attempts")
 
 
 # ------------------------------------------------------------------------------------------ dvc repro
