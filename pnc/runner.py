@@ -425,4 +425,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
               f"experiment '{spec.experiment}')", file=sys.stderr)
         for o in failed:
             print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+    from .train import shutdown
+
+    shutdown(accelerator)
     return 1 if failed else 0

@@ -38,6 +38,16 @@ def make_accelerator(precision: str = "fp32", grad_accum_steps: int = 1):
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
+def shutdown(accelerator: Any) -> None:
+    """Tear down the process group of a multi-process run (gloo can abort at interpreter exit otherwise)."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

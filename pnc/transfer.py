@@ -265,6 +265,9 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
     if main:
         for o in failed:
             print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+    from .train import shutdown
+
+    shutdown(accelerator)
     return 1 if failed else 0
 
 

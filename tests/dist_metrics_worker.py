@@ -58,6 +58,7 @@ def main(data_path: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(results, f)
     acc.wait_for_everyone()
+    dist.destroy_process_group()  # a gloo group left for interpreter exit can abort ("terminate called ...")
 
 
 if __name__ == "__main__":
