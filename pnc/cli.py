@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a spec field (value parsed as YAML) before validating")
 
     s = sub.add_parser("schema", help="print the JSON Schema of study specs")
-    s.add_argument("--write", action="store_true", help=f"write it to pnc/schema/study.schema.json")
+    s.add_argument("--write", action="store_true", help="write it to pnc/schema/study.schema.json")
 
     for name, helptext in (("plan", "list a study's cells with their ids"), ("run", "run a study (or one cell) outside DVC")):
         r = sub.add_parser(name, help=helptext)

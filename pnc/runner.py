@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PncError, TrainingError
+from .errors import TrainingError
 
 CHECKPOINT_ROOT = Path(".pnc") / "checkpoints"
 
@@ -39,6 +39,34 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Terminated()
+
+
+class StudyGuard:
+    """Closes a study's MLflow runs however it ends: the open cell run and the parent KILLED on Ctrl-C or
+    SIGTERM (turned into KeyboardInterrupt while the guard is active), the parent FAILED on an error;
+    never left RUNNING. Only the main process writes."""
+
+    def __init__(self, main: bool):
+        self.main, self.parent, self.open_run = main, None, None
+
+    def __enter__(self) -> "StudyGuard":
+        self._old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        try:
+            if typ is not None and self.main:
+                from . import tracking
+
+                if issubclass(typ, KeyboardInterrupt):  # also a cell run interrupted before its training
+                    for r in (self.open_run, self.parent):
+                        if r:
+                            tracking.end_run(r, "KILLED")
+                elif issubclass(typ, Exception) and self.parent:
+                    tracking.end_run(self.parent, "FAILED")
+        finally:
+            signal.signal(signal.SIGTERM, self._old_term)
+        return False
 
 
 def data_digest(inputs) -> str:
@@ -325,15 +353,14 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
     data_for(cells[0])
     from .train import make_accelerator  # imports torch
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
     main = accelerator.is_main_process
     outcomes: list[CellOutcome] = []
-    exp_id = parent = open_run = None
-    try:
+    exp_id = parent = None
+    with StudyGuard(main) as guard:
         if main:
             exp_id = tracking.experiment_id(spec.experiment)
-            parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path),
+            parent = guard.parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path),
                                                               tracking.TAG_SPEC_DIGEST: spec_digest(spec),
                                                               "pnc.kind": spec.kind, **tracking.git_state()})
             log_params_once(parent, {k: v for k, v in cell_params(spec, cells[0]).items() if not k.startswith(("model.", "noise."))})
@@ -351,7 +378,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                     reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
                     tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
-                    run_id = open_run = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)
+                    run_id = guard.open_run = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)
                     if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
                         tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
                     log_params_once(run_id, cell_params(spec, cell))
@@ -376,7 +403,7 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                 if main:
                     tracking.log_tags(run_id, {tracking.TAG_FAILURE: str(e)})
                     tracking.end_run(run_id, "FAILED")
-                    open_run = None
+                    guard.open_run = None
                     ckpt = CHECKPOINT_ROOT / spec.experiment / f"{cell.id}.pt"
                     if ckpt.exists():
                         ckpt.unlink()
@@ -394,30 +421,18 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                 raise
             if main:
                 tracking.end_run(run_id, "FINISHED")
-                open_run = None
+                guard.open_run = None
                 summary["seconds"] = round(time.time() - t0, 1)
                 print(f"  done in {summary['seconds']:.0f}s: train acc {summary['train_final_acc']:.4f}, "
                       f"test acc {summary['test_acc']:.4f}" + (f", final-layer probe {summary['final_probe_acc']:.4f}"
                                                                if "final_probe_acc" in summary else ""), file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
         failed = [o for o in outcomes if o.status == "FAILED"]
-        if main:  # inside the try: an interrupt here still closes the parent run
+        if main:  # inside the guard: an interrupt here still closes the parent run
             log_study_summary(spec, parent)
             if results_path:
                 _write_results(Path(results_path), spec, outcomes)
             tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    except KeyboardInterrupt:
-        if main:  # also a cell run interrupted between its creation and its training
-            for r in (open_run, parent):
-                if r:
-                    tracking.end_run(r, "KILLED")
-        raise
-    except Exception:
-        if main and parent:
-            tracking.end_run(parent, "FAILED")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
     if main:
         done = sum(o.status == "FINISHED" for o in outcomes)
         skipped = sum(o.status == "SKIPPED" for o in outcomes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PncError, TrainingError
+from .errors import TrainingError
 
 
 def registered_name(spec: Any, cell: Any) -> str:
@@ -89,28 +88,25 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                        results_path: str | None = None, overrides: list[str] | None = None) -> int:
     from . import tracking
     from .data.registry import load_cell_data
-    from .runner import (CHECKPOINT_ROOT, CellOutcome, Terminated, _on_sigterm, _train_cell, _write_results, cell_params,
-                         cell_tags, data_digest, log_params_once, measure_model)
+    from .runner import (CHECKPOINT_ROOT, CellOutcome, StudyGuard, _train_cell, _write_results, cell_params,
+                         cell_tags, data_digest, log_params_once)
     from .spec import spec_digest
 
     progress = progress and sys.stderr.isatty()
-    info = spec.dataset.info
-    size, ch = spec.dataset.size, info.channels
     domains = list(dict.fromkeys([*spec.transfer.sources, *spec.transfer.targets]))
     # Data first: every domain's splits, before torch is imported, any model built or run created.
     data = {d: load_cell_data(spec, cells[0], domain=d) for d in domains}
     from .train import make_accelerator  # imports torch
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
     main = accelerator.is_main_process
     exp_id = parent = None
     outcomes: list[CellOutcome] = []
     k = spec.probe.samples_per_class
-    try:
+    with StudyGuard(main) as guard:
         if main:
             exp_id = tracking.experiment_id(spec.experiment)
-            parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
+            parent = guard.parent = tracking.study_parent(exp_id, spec.name, {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                                                               "pnc.kind": spec.kind, **tracking.git_state()})
         for i, cell in enumerate(cells):
             src = data[cell.source]
@@ -245,23 +241,13 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                           f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
         failed = [o for o in outcomes if o.status == "FAILED"]
-        if main:  # inside the try: an interrupt here still closes the parent run
+        if main:  # inside the guard: an interrupt here still closes the parent run
             from .runner import log_study_summary
 
             log_study_summary(spec, parent)
             if results_path:
                 _write_results(Path(results_path), spec, outcomes)
             tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    except KeyboardInterrupt:
-        if main and parent:
-            tracking.end_run(parent, "KILLED")
-        raise
-    except Exception:
-        if main and parent:
-            tracking.end_run(parent, "FAILED")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
     if main:
         for o in failed:
             print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
