@@ -86,3 +86,5 @@ def test_depth_sweep_smoke(project: Path) -> None:
     html = (out / "layers.html").read_text()
     assert "vega" in html and "<script" in html and "https://cdn" not in html, "the report must work offline"
     assert "digits_depth/index.html" in (project / "reports" / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "Transition phase" in page and "Efficient depth" in page and "Final accuracies per model" in page
