@@ -381,11 +381,13 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
             out.append((("models", i, "cifar_stem"), f"{m.name} is one of pnc's CIFAR ResNets, which always have the 3x3 stem; remove cifar_stem"))
         if m.weights is not None and not m.pretrained:
             out.append((("models", i, "weights"), "weights is given but pretrained is false; set pretrained: true or remove weights"))
-    if spec.kind == "noise_sweep":
+    if spec.kind == "noise_sweep" and getattr(spec, "noise", None) is not None:
         noise = spec.noise
         if not noise.label and not noise.input:
             out.append((("noise",), "a noise_sweep needs at least one entry under noise.label or noise.input"))
         for i, ln in enumerate(noise.label):
+            if ln.kind is None:  # an entry that failed its own validation (partial specs only)
+                continue
             allowed = catalog.LABEL_NOISE_KINDS[ln.kind]
             if allowed is not None and info.name not in allowed:
                 out.append((("noise", "label", i, "kind"), f"label noise {ln.kind!r} exists only for {', '.join(allowed)}, not {info.name}"))
@@ -393,13 +395,13 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
                 for j, s in enumerate(ln.label_sets):
                     if s not in info.label_sets:
                         out.append((("noise", "label", i, "label_sets", j), f"{info.name} has no human label set {s!r}.{did_you_mean(s, info.label_sets)}"))
-        kinds = [ln.kind for ln in noise.label]
+        kinds = [ln.kind for ln in noise.label if ln.kind is not None]
         for k in sorted({k for k in kinds if kinds.count(k) > 1}):
             out.append((("noise", "label"), f"label noise kind {k!r} appears twice; merge its rates into one entry"))
-        corr = [x.corruption for x in noise.input]
+        corr = [x.corruption for x in noise.input if x.corruption is not None]
         for c in sorted({c for c in corr if corr.count(c) > 1}):
             out.append((("noise", "input"), f"corruption {c!r} appears twice; merge its severities into one entry"))
-    if spec.kind == "domain_transfer":
+    if spec.kind == "domain_transfer" and getattr(spec, "transfer", None) is not None:
         if not info.domains:
             out.append((("dataset", "name"), f"{info.name} has no domains; a domain_transfer needs a multi-domain dataset: "
                         + ", ".join(n for n, d in catalog.DATASETS.items() if d.domains)))
@@ -409,6 +411,45 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
                     if d not in info.domains:
                         out.append((("transfer", key, j), f"unknown domain {d!r} of {info.name}.{did_you_mean(d, info.domains)}"))
     return out
+
+
+def _partial_spec(data: dict) -> Any | None:
+    """The blocks of an invalid spec that do validate, for the cross-field rules (None without a valid dataset)."""
+    from types import SimpleNamespace
+
+    if data.get("kind") not in KINDS:
+        return None
+    try:
+        dataset = DatasetSpec.model_validate(data.get("dataset"))
+    except ValidationError:
+        return None
+
+    def block(cls, key):
+        try:
+            return cls.model_validate(data.get(key) if data.get(key) is not None else {})
+        except ValidationError:
+            return None
+
+    probe = block(ProbeSpec, "probe") or ProbeSpec()
+    noise = None
+    if data.get("kind") == "noise_sweep" and isinstance(data.get("noise"), dict):
+        # each entry on its own: one bad rate must not hide a label set that does not exist
+        raw = data["noise"]
+        label, inputs = [], []
+        label_adapter = TypeAdapter(LabelNoiseSpec)
+        for entry in raw.get("label") or []:
+            try:
+                label.append(label_adapter.validate_python(entry))
+            except ValidationError:
+                label.append(SimpleNamespace(kind=None))  # keeps indices; matches no rule
+        for entry in raw.get("input") or []:
+            try:
+                inputs.append(InputNoiseSpec.model_validate(entry))
+            except ValidationError:
+                inputs.append(SimpleNamespace(corruption=None))
+        noise = SimpleNamespace(label=label, input=inputs)
+    transfer = block(TransferSpec, "transfer") if data.get("kind") == "domain_transfer" else None
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], noise=noise, transfer=transfer)
 
 
 # ----------------------------------------------------------------------------- YAML with positions
@@ -686,6 +727,13 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
             if str(p) not in seen:
                 seen.add(str(p))
                 problems.append(p)
+        partial = _partial_spec(data)  # cross-field rules on the blocks that are valid: every problem at once
+        for loc, msg in (_semantic_problems(partial) if partial is not None else []):
+            p = problem(loc, msg)
+            if str(p) not in seen:
+                seen.add(str(p))
+                problems.append(p)
+        problems.sort(key=lambda p: (p.file, p.line, p.col))
         raise SpecError(problems) from None
     sem = _semantic_problems(spec)
     if sem:

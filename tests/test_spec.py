@@ -121,6 +121,16 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert any("severities must lie in 0..5" in p for p in found), found
 
 
+def test_cross_field_problems_come_with_field_problems(tmp_path: Path) -> None:
+    text = NOISE.replace("name: digits", "name: cifar10").replace("[aggre]", "[aggre, worst]")
+    found = problems(write(tmp_path, text))
+    assert any("rates must lie in [0, 1]; got 1.5" in p for p in found), found
+    assert any(p.startswith("s.yaml:8:") and "no human label set 'worst'. Did you mean 'worse'?" in p for p in found), found
+    bad_models = TRANSFER.replace("[resnet50]", "[resnet5000]")
+    found = problems(write(tmp_path, bad_models))
+    assert any("unknown model 'resnet5000'" in p for p in found) and any("Did you mean 'Product'" in p for p in found), found
+
+
 def test_cross_field_rules(tmp_path: Path) -> None:
     text = NOISE.replace("1.5", "0.5").replace("gausian_noise", "gaussian_noise").replace("9]", "3]")
     found = problems(write(tmp_path, text))
