@@ -437,12 +437,12 @@ def _partial_spec(data: dict) -> Any | None:
         raw = data["noise"]
         label, inputs = [], []
         label_adapter = TypeAdapter(LabelNoiseSpec)
-        for entry in raw.get("label") or []:
+        for entry in raw.get("label") if isinstance(raw.get("label"), list) else []:
             try:
                 label.append(label_adapter.validate_python(entry))
             except ValidationError:
                 label.append(SimpleNamespace(kind=None))  # keeps indices; matches no rule
-        for entry in raw.get("input") or []:
+        for entry in raw.get("input") if isinstance(raw.get("input"), list) else []:
             try:
                 inputs.append(InputNoiseSpec.model_validate(entry))
             except ValidationError:
@@ -727,8 +727,12 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
             if str(p) not in seen:
                 seen.add(str(p))
                 problems.append(p)
-        partial = _partial_spec(data)  # cross-field rules on the blocks that are valid: every problem at once
-        for loc, msg in (_semantic_problems(partial) if partial is not None else []):
+        try:  # cross-field rules on the blocks that are valid: every problem at once (best effort)
+            partial = _partial_spec(data)
+            extra = _semantic_problems(partial) if partial is not None else []
+        except Exception:  # noqa: BLE001 - the field-level problems above are reported regardless
+            extra = []
+        for loc, msg in extra:
             p = problem(loc, msg)
             if str(p) not in seen:
                 seen.add(str(p))

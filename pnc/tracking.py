@@ -272,8 +272,18 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
         source = json.dumps({"uri": inp.path, "dvc_stage": inp.stage}, sort_keys=True)
         ds = Dataset(name=inp.name, digest=inp.digest[:36], source_type="local", source=source)
         items.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", inp.context)]))
-    if items:
-        _retrying(lambda: c.log_inputs(run_id, datasets=items))
+    if not items:
+        return
+    for attempt in range(6):
+        try:
+            _retrying(lambda: c.log_inputs(run_id, datasets=items))
+            return
+        except Exception as e:  # noqa: BLE001
+            # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
+            # insert; the loser succeeds on retry, when the dataset row exists and is only linked.
+            if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e) or attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
