@@ -326,6 +326,36 @@ def log_study_summary(spec: Any, parent: str) -> None:
         print(f"  {k}: {v}", file=sys.stderr)
 
 
+def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool) -> list:
+    """Study analyses, the results file and the parent's final status (call inside the StudyGuard).
+    Returns the failed outcomes."""
+    from . import tracking
+
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    if main:
+        log_study_summary(spec, parent)
+        if results_path:
+            _write_results(Path(results_path), spec, outcomes)
+        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
+    return failed
+
+
+def close_study(spec: Any, outcomes: list, failed: list, accelerator: Any) -> int:
+    """Print the study's outcome (main process), tear down the process group; the exit code."""
+    from . import tracking
+    from .train import shutdown
+
+    if accelerator.is_main_process:
+        done = sum(o.status == "FINISHED" for o in outcomes)
+        skipped = sum(o.status == "SKIPPED" for o in outcomes)
+        print(f"{spec.name}: {done} cell(s) run, {skipped} skipped, {len(failed)} failed (MLflow: {tracking.tracking_uri()}, "
+              f"experiment '{spec.experiment}')", file=sys.stderr)
+        for o in failed:
+            print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+    shutdown(accelerator)
+    return 1 if failed else 0
+
+
 # ----------------------------------------------------------------------------- the study
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
               results_path: str | None = None, overrides: list[str] | None = None) -> int:
@@ -427,20 +457,5 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                       f"test acc {summary['test_acc']:.4f}" + (f", final-layer probe {summary['final_probe_acc']:.4f}"
                                                                if "final_probe_acc" in summary else ""), file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
-        failed = [o for o in outcomes if o.status == "FAILED"]
-        if main:  # inside the guard: an interrupt here still closes the parent run
-            log_study_summary(spec, parent)
-            if results_path:
-                _write_results(Path(results_path), spec, outcomes)
-            tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    if main:
-        done = sum(o.status == "FINISHED" for o in outcomes)
-        skipped = sum(o.status == "SKIPPED" for o in outcomes)
-        print(f"{spec.name}: {done} cell(s) run, {skipped} skipped, {len(failed)} failed (MLflow: {tracking.tracking_uri()}, "
-              f"experiment '{spec.experiment}')", file=sys.stderr)
-        for o in failed:
-            print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
-    from .train import shutdown
-
-    shutdown(accelerator)
-    return 1 if failed else 0
+        failed = finish_study(spec, parent, outcomes, results_path, main)  # inside the guard: an interrupt closes the parent
+    return close_study(spec, outcomes, failed, accelerator)

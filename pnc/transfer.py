@@ -14,7 +14,6 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +87,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                        results_path: str | None = None, overrides: list[str] | None = None) -> int:
     from . import tracking
     from .data.registry import load_cell_data
-    from .runner import (CHECKPOINT_ROOT, CellOutcome, StudyGuard, _train_cell, _write_results, cell_params,
+    from .runner import (CHECKPOINT_ROOT, CellOutcome, StudyGuard, _train_cell, cell_params, close_study, finish_study,
                          cell_tags, data_digest, log_params_once)
     from .spec import spec_digest
 
@@ -240,21 +239,8 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                           f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
             outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
-        failed = [o for o in outcomes if o.status == "FAILED"]
-        if main:  # inside the guard: an interrupt here still closes the parent run
-            from .runner import log_study_summary
-
-            log_study_summary(spec, parent)
-            if results_path:
-                _write_results(Path(results_path), spec, outcomes)
-            tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    if main:
-        for o in failed:
-            print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
-    from .train import shutdown
-
-    shutdown(accelerator)
-    return 1 if failed else 0
+        failed = finish_study(spec, parent, outcomes, results_path, main)  # inside the guard: an interrupt closes the parent
+    return close_study(spec, outcomes, failed, accelerator)
 
 
 def _log_model_input(run_id: str, mv: Any) -> None:
