@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -359,7 +360,10 @@ def test_dvc_repro_after_interrupted_dvc_repro_completes(tmp_path: Path) -> None
     os.killpg(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0, out
-    assert "exited with 130" in out, out
+    # `pnc run` exits 130 after closing its runs. DVC runs the stage through $SHELL -c: bash execs the command,
+    # so DVC sees 130; without $SHELL, /bin/sh (dash) gets the same SIGINT and dies of it, so DVC sees -2.
+    assert re.search(r"exited with (130|-2)\b", out), out
+    assert "interrupted" in out, out
     state = _checkpoint(repo, "tiny_depth")
     assert state is not None and state["epoch"] < 2, "interrupted during training"
     c, cells, parents = _store(repo, "tiny_depth")
