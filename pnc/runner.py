@@ -27,7 +27,7 @@ CHECKPOINT_ROOT = Path(".pnc") / "checkpoints"
 @dataclass
 class CellOutcome:
     cell: Any
-    status: str  # FINISHED, SKIPPED, FAILED
+    status: str  # FINISHED, SKIPPED, FAILED, BUSY (another process is running it)
     run_id: str | None = None
     summary: dict = field(default_factory=dict)
     reason: str = ""
@@ -328,7 +328,7 @@ def log_study_summary(spec: Any, parent: str) -> None:
 
 def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool) -> list:
     """Study analyses, the results file and the parent's final status (call inside the StudyGuard).
-    Returns the failed outcomes."""
+    Returns the outcomes that make the run incomplete: FAILED cells, and BUSY ones (another process runs them)."""
     from . import tracking
 
     failed = [o for o in outcomes if o.status == "FAILED"]
@@ -337,23 +337,27 @@ def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: st
         if results_path:
             _write_results(Path(results_path), spec, outcomes)
         tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    return failed
+    return failed + [o for o in outcomes if o.status == "BUSY"]
 
 
-def close_study(spec: Any, outcomes: list, failed: list, accelerator: Any) -> int:
-    """Print the study's outcome (main process), tear down the process group; the exit code."""
+def close_study(spec: Any, outcomes: list, incomplete: list, accelerator: Any) -> int:
+    """Print the study's outcome (main process), tear down the process group; the exit code
+    (1 when a cell failed or is still being run by another process)."""
     from . import tracking
     from .train import shutdown
 
     if accelerator.is_main_process:
-        done = sum(o.status == "FINISHED" for o in outcomes)
-        skipped = sum(o.status == "SKIPPED" for o in outcomes)
-        print(f"{spec.name}: {done} cell(s) run, {skipped} skipped, {len(failed)} failed (MLflow: {tracking.tracking_uri()}, "
-              f"experiment '{spec.experiment}')", file=sys.stderr)
-        for o in failed:
-            print(f"  FAILED {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+        count = {s: sum(o.status == s for o in outcomes) for s in ("FINISHED", "SKIPPED", "FAILED", "BUSY")}
+        busy = f", {count['BUSY']} being run by other processes" if count["BUSY"] else ""
+        print(f"{spec.name}: {count['FINISHED']} cell(s) run, {count['SKIPPED']} skipped, {count['FAILED']} failed{busy} "
+              f"(MLflow: {tracking.tracking_uri()}, experiment '{spec.experiment}')", file=sys.stderr)
+        for o in incomplete:
+            print(f"  {o.status} {o.cell.name} (run {o.run_id}): {o.reason}", file=sys.stderr)
+        if count["BUSY"]:
+            print("  run the study again once they finish: their cells are then skipped and the results complete",
+                  file=sys.stderr)
     shutdown(accelerator)
-    return 1 if failed else 0
+    return 1 if incomplete else 0
 
 
 # ----------------------------------------------------------------------------- the study
@@ -397,22 +401,21 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
         for i, cell in enumerate(cells):
             data = data_for(cell)
             digest = data_digest(data.inputs)
-            run_id, decision = None, "run"
+            run_id, decision, busy_reason = None, "run", ""
             if main:
-                prev = tracking.find_cell_run(exp_id, cell.id)
-                if prev is not None and prev.data.tags.get(tracking.TAG_DATA) != digest:
-                    prev = None  # the data changed: a new run
-                if prev is not None and prev.info.status == "FINISHED" and not force:
-                    decision, run_id = "skip", prev.info.run_id
-                else:
-                    reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
-                    tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
-                            **cell_tags(spec, cell), **tracking.git_state()}
-                    run_id = guard.open_run = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse)
+                tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
+                        **cell_tags(spec, cell), **tracking.git_state()}
+                claim = tracking.claim_cell_run(exp_id, parent, cell, tags, force=force,
+                                                usable=lambda r: r.data.tags.get(tracking.TAG_DATA) == digest)  # new data: a new run
+                decision, run_id, reuse = claim.decision, claim.run_id, claim.reused
+                if decision == "run":
+                    guard.open_run = run_id
                     if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
                         tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
                     log_params_once(run_id, cell_params(spec, cell))
                     tracking.log_inputs(run_id, data.inputs if reuse is None else [])
+                elif decision == "busy":
+                    busy_reason = tracking.busy_message(claim)
             if accelerator.num_processes > 1:
                 from accelerate.utils import broadcast_object_list
 
@@ -423,6 +426,11 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                 if main:
                     print(f"[{i + 1}/{len(cells)}] {cell.name}: finished earlier (run {run_id}), skipped", file=sys.stderr)
                 outcomes.append(CellOutcome(cell, "SKIPPED", run_id))
+                continue
+            if decision == "busy":
+                if main:
+                    print(f"[{i + 1}/{len(cells)}] {cell.name}: {busy_reason}", file=sys.stderr)
+                outcomes.append(CellOutcome(cell, "BUSY", run_id, reason=busy_reason if main else ""))
                 continue
             if main:
                 print(f"[{i + 1}/{len(cells)}] {cell.name} (cell {cell.id}, run {run_id})", file=sys.stderr)

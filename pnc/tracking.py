@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +30,8 @@ TAG_DATA = "pnc.data_digest"
 TAG_SPEC = "pnc.spec_path"
 TAG_SPEC_DIGEST = "pnc.spec_digest"
 TAG_FAILURE = "pnc.failure"
+TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run while it trains
+TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
 
 _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 
@@ -200,10 +206,10 @@ def find_cell_run(exp_id: str, cell_id: str, role: str = "cell", extra: str = ""
 
 
 def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
-                   run_name: str | None = None, reuse: Any | None = None) -> str:
+                   run_name: str | None = None, reuse: Any | None = None, cell_id: str | None = None) -> str:
     """A nested child run for a cell; ``reuse`` continues an unfinished run instead of creating one."""
     c = client()
-    all_tags = {"mlflow.parentRunId": parent_id, TAG_ROLE: role, TAG_CELL: cell.id, TAG_CELL_NAME: cell.name,
+    all_tags = {"mlflow.parentRunId": parent_id, TAG_ROLE: role, TAG_CELL: cell_id or cell.id, TAG_CELL_NAME: cell.name,
                 TAG_STUDY: cell.study, **tags}
     if reuse is not None:
         run_id = reuse.info.run_id
@@ -212,6 +218,133 @@ def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
         return run_id
     run = _retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=all_tags))
     return run.info.run_id
+
+
+# ------------------------------------------------------------------ claiming a cell (one process per cell)
+def _seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+LEASE_S = _seconds("PNC_LEASE_S", 300.0)  # a holder silent for this long (other host) has died
+SETTLE_S = _seconds("PNC_CLAIM_SETTLE_S", 2.0)  # longer than a process takes from its check to its claim (at least)
+_TOKEN = uuid.uuid4().hex[:8]
+_BEATS: dict[str, threading.Event] = {}
+
+
+def owner_id() -> str:
+    """This process, as written in a claimed run's ``pnc.owner`` tag."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def holder(run: Any, now: float | None = None) -> str | None:
+    """The other live process that holds ``run``, or None (finished, closed, unclaimed, or its holder died).
+
+    On this host the holder's pid must exist; on another host its heartbeat must be under ``PNC_LEASE_S`` old.
+    """
+    if run.info.status != "RUNNING":
+        return None
+    owner = run.data.tags.get(TAG_OWNER, "")
+    if not owner or owner == owner_id():
+        return None
+    host, _, rest = owner.partition(":")
+    try:
+        beat = float(run.data.tags.get(TAG_HEARTBEAT, "0"))
+    except ValueError:
+        beat = 0.0
+    if (now if now is not None else time.time()) - beat >= LEASE_S:
+        return None
+    if host == socket.gethostname():
+        pid = rest.partition(":")[0]
+        return owner if pid.isdigit() and _pid_alive(int(pid)) else None
+    return owner
+
+
+@dataclass
+class Claim:
+    """What to do with a cell: ``run`` it in ``run_id`` (continuing ``reused`` if set), ``skip`` it (finished
+    in ``run_id``), or leave it: ``busy`` (``holder`` is running it in ``run_id``)."""
+
+    decision: str
+    run_id: str | None
+    reused: Any | None = None
+    holder: str = ""
+
+
+def _cell_runs(exp_id: str, cell_id: str, role: str) -> list:
+    return _search(exp_id, f"tags.`{TAG_CELL}` = '{cell_id}' and tags.`{TAG_ROLE}` = '{role}'")
+
+
+def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
+                   run_name: str | None = None, cell_id: str | None = None, usable=lambda run: True,
+                   force: bool = False) -> Claim:
+    """Find or start the run of a cell, so that one process at a time works on it.
+
+    The newest run of the cell decides: held by another live process -> busy; FINISHED (and ``usable``:
+    e.g. the same data) -> skip, unless ``force``; unfinished and usable -> continued; else a new run.
+    Two processes may pass the check at the same moment (a job array submitted twice). So each writes its
+    owner tag, waits ``PNC_CLAIM_SETTLE_S``, and reads back: of the RUNNING runs whose holders live, the
+    oldest wins, and of a run claimed twice the last owner written wins; the loser deletes the run it
+    created and reports busy. While the winner holds the run, a thread refreshes its heartbeat tag.
+    """
+    cid = cell_id or cell.id
+    t_check = time.monotonic()
+    runs = _cell_runs(exp_id, cid, role)
+    now = time.time()
+    for r in runs:
+        h = holder(r, now)
+        if h:
+            return Claim("busy", r.info.run_id, holder=h)
+    prev = runs[0] if runs and usable(runs[0]) else None
+    if prev is not None and prev.info.status == "FINISHED" and not force:
+        return Claim("skip", prev.info.run_id, prev)
+    reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
+    me = owner_id()
+    run_id = start_cell_run(exp_id, parent_id, cell, {**tags, TAG_OWNER: me, TAG_HEARTBEAT: f"{time.time():.3f}"},
+                            role=role, run_name=run_name, reuse=reuse, cell_id=cid)
+    if SETTLE_S > 0:  # a loaded store slows every process alike: wait at least 3x this process's check-to-claim
+        time.sleep(max(SETTLE_S, 3 * (time.monotonic() - t_check)))
+    now = time.time()
+    live = [r for r in _cell_runs(exp_id, cid, role)
+            if r.info.status == "RUNNING" and (r.data.tags.get(TAG_OWNER) == me or holder(r, now))]
+    winner = min(live, key=lambda r: (r.info.start_time or 0, r.info.run_id)) if live else None
+    if winner is None or winner.data.tags.get(TAG_OWNER) != me:
+        if reuse is None:
+            _retrying(lambda: client().delete_run(run_id))
+        return Claim("busy", winner.info.run_id if winner else run_id,
+                     holder=winner.data.tags.get(TAG_OWNER, "?") if winner else "another process")
+    _heartbeat(run_id)
+    return Claim("run", run_id, reuse)
+
+
+def _heartbeat(run_id: str) -> None:
+    """Refresh ``pnc.heartbeat`` on ``run_id`` every ``PNC_LEASE_S / 10`` seconds until :func:`end_run`."""
+    stop = _BEATS[run_id] = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(LEASE_S / 10, 0.05)):
+            try:
+                _retrying(lambda: client().set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.3f}"))
+            except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
+                pass
+
+    threading.Thread(target=beat, name=f"pnc-heartbeat-{run_id[:8]}", daemon=True).start()
+
+
+def busy_message(claim: Claim) -> str:
+    return f"being run by another process ({claim.holder}, run {claim.run_id}); left to it"
 
 
 def log_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -296,6 +429,9 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
+    stop = _BEATS.pop(run_id, None)
+    if stop is not None:
+        stop.set()
     c = client()
     _retrying(lambda: c.set_terminated(run_id, status=status))
 

@@ -119,24 +119,32 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                 print(f"[{i + 1}/{len(cells)}] {cell.name}: reusing registered model {name} v{mv.version}", file=sys.stderr)
                 run_id = mv.run_id
             else:
-                run_id = None
+                run_id, decision, busy_reason = None, "run", ""
                 if main:
-                    prev = tracking.find_cell_run(exp_id, cell.id)
-                    reuse = prev if prev is not None and prev.info.status != "FINISHED" and prev.data.tags.get(tracking.TAG_DATA) == digest else None
                     tags = {tracking.TAG_DATA: digest, tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []),
                             **cell_tags(spec, cell), **tracking.git_state()}
-                    run_id = tracking.start_cell_run(exp_id, parent, cell, tags, reuse=reuse, run_name=f"{cell.name} (source training)")
-                    if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
-                        tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
-                    log_params_once(run_id, cell_params(spec, cell))
-                    tracking.log_inputs(run_id, [] if reuse else src.inputs)
-                    print(f"[{i + 1}/{len(cells)}] {cell.name}: training on {cell.source} (run {run_id})", file=sys.stderr)
+                    # A FINISHED source run without a registered version (registration failed) trains again: force.
+                    claim = tracking.claim_cell_run(exp_id, parent, cell, tags, run_name=f"{cell.name} (source training)", force=True,
+                                                    usable=lambda r: r.data.tags.get(tracking.TAG_DATA) == digest)
+                    decision, run_id, reuse = claim.decision, claim.run_id, claim.reused
+                    if decision == "busy":
+                        busy_reason = tracking.busy_message(claim)
+                        print(f"[{i + 1}/{len(cells)}] {cell.name}: {busy_reason}", file=sys.stderr)
+                    else:
+                        if reuse is not None and tracking.TAG_FAILURE in reuse.data.tags:  # retried: the old reason no longer holds
+                            tracking.client().delete_tag(run_id, tracking.TAG_FAILURE)
+                        log_params_once(run_id, cell_params(spec, cell))
+                        tracking.log_inputs(run_id, [] if reuse else src.inputs)
+                        print(f"[{i + 1}/{len(cells)}] {cell.name}: training on {cell.source} (run {run_id})", file=sys.stderr)
                 if accelerator.num_processes > 1:
                     from accelerate.utils import broadcast_object_list
 
-                    box = [run_id]
+                    box = [run_id, decision]
                     broadcast_object_list(box)
-                    run_id = box[0]
+                    run_id, decision = box
+                if decision == "busy":
+                    outcomes.append(CellOutcome(cell, "BUSY", run_id, summary, reason=busy_reason))
+                    continue
 
                 def on_epoch(epoch: int, loss: float, acc: float, _run=run_id) -> None:
                     tracking.log_metrics(_run, {"train/loss": loss, "train/acc": acc}, step=epoch)
@@ -185,32 +193,37 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                 net = load_registered(uri)
             net = net.to(accelerator.device)
             summary.update({"model_uri": uri, "source_run_id": run_id, "targets": {}})
+            busy_targets: list[str] = []
             for target in cell.targets:
                 tdat = data[target]
                 tdigest = data_digest(tdat.inputs)
                 tcell_id = f"{cell.id}:{target}"
                 trun = None
                 if main:
-                    prev = tracking.find_cell_run(exp_id, tcell_id, role="transfer")
-                    if (prev is not None and prev.info.status == "FINISHED" and prev.data.tags.get("pnc.model_uri") == uri
-                            and prev.data.tags.get(tracking.TAG_DATA) == tdigest and not force):
-                        summary["targets"][target] = {"run_id": prev.info.run_id, "status": "SKIPPED"}
-                        print(f"  {cell.source} -> {target}: finished earlier (run {prev.info.run_id}), skipped", file=sys.stderr)
+                    from .study import Cell
+
+                    tc = Cell(cell.study, cell.kind, cell.model, cell.axes + (("target", target),), cell.config + target,
+                              source=cell.source, targets=(target,))
+                    tags = {tracking.TAG_DATA: tdigest, "source": cell.source, "target": target, "pnc.model_uri": uri,
+                            "pnc.model": cell.model.name, "pnc.depth": cell_tags(spec, cell)["pnc.depth"],
+                            tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
+                    claim = tracking.claim_cell_run(
+                        exp_id, parent, tc, tags, role="transfer", cell_id=tcell_id, force=force,
+                        run_name=f"{cell.model.name}: {cell.source} -> {target}",
+                        usable=lambda r: r.data.tags.get("pnc.model_uri") == uri and r.data.tags.get(tracking.TAG_DATA) == tdigest)
+                    if claim.decision == "skip":
+                        summary["targets"][target] = {"run_id": claim.run_id, "status": "SKIPPED"}
+                        print(f"  {cell.source} -> {target}: finished earlier (run {claim.run_id}), skipped", file=sys.stderr)
+                        trun = "skip"
+                    elif claim.decision == "busy":
+                        summary["targets"][target] = {"run_id": claim.run_id, "status": "BUSY"}
+                        busy_targets.append(f"{target}: {tracking.busy_message(claim)}")
+                        print(f"  {cell.source} -> {target}: {tracking.busy_message(claim)}", file=sys.stderr)
                         trun = "skip"
                     else:
-                        reuse = prev if prev is not None and prev.info.status != "FINISHED" else None
-                        from .study import Cell
-
-                        tc = Cell(cell.study, cell.kind, cell.model, cell.axes + (("target", target),), cell.config + target,
-                                  source=cell.source, targets=(target,))
-                        tags = {tracking.TAG_DATA: tdigest, "source": cell.source, "target": target, "pnc.model_uri": uri,
-                                "pnc.model": cell.model.name, "pnc.depth": cell_tags(spec, cell)["pnc.depth"],
-                                tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
-                        trun = tracking.start_cell_run(exp_id, parent, tc, tags, role="transfer", reuse=reuse,
-                                                       run_name=f"{cell.model.name}: {cell.source} -> {target}")
-                        tracking.client().set_tag(trun, tracking.TAG_CELL, tcell_id)
+                        trun = claim.run_id
                         log_params_once(trun, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
-                        if reuse is None:
+                        if claim.reused is None:
                             tracking.log_inputs(trun, tdat.inputs)
                             _log_model_input(trun, mv)
                 if accelerator.num_processes > 1:
@@ -238,7 +251,8 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     summary["targets"][target] = {"run_id": trun, **finals}
                     print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                           f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
-            outcomes.append(CellOutcome(cell, "FINISHED", run_id, summary))
+            outcomes.append(CellOutcome(cell, "BUSY", run_id, summary, reason="; ".join(busy_targets)) if busy_targets
+                            else CellOutcome(cell, "FINISHED", run_id, summary))
         failed = finish_study(spec, parent, outcomes, results_path, main)  # inside the guard: an interrupt closes the parent
     return close_study(spec, outcomes, failed, accelerator)
 

@@ -153,3 +153,35 @@ def test_tracking_writers_race_on_a_fresh_sqlite_store(tmp_path: Path) -> None:
         if r.data.tags.get("pnc.role") == "cell":
             assert [m.step for m in sorted(c.get_metric_history(r.info.run_id, "m"), key=lambda m: m.step)] == list(range(60))
             assert [m.step for m in c.get_metric_history(r.info.run_id, "cdnv/train")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_one_cell_started_twice_at_once_is_trained_once(tmp_path: Path) -> None:
+    """A job array submitted twice: two `pnc run --cell ID` of the same cell start together. One trains it;
+    the other says who holds it and exits 1 without touching its run; afterwards the cell has one run."""
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    env = dict(env_for(db), PNC_CLAIM_SETTLE_S="2")
+    pnc = [sys.executable, "-m", "pnc.cli"]
+    assert subprocess.run([*pnc, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
+    overrides = ["--set", "train.epochs=2", "--set", "models=[resnet8]"]
+    plan = subprocess.run([*pnc, "plan", "specs/digits_depth.yaml", *overrides, "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    (cell,) = [c["id"] for c in json.loads(plan.stdout)["cells"]]
+    cmd = [*pnc, "run", "specs/digits_depth.yaml", *overrides, "--cell", cell, "--no-progress"]
+    results = run_all([cmd, cmd], tmp_path, env, timeout=400)
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 1], [t[-3000:] for _, t in results]
+    winner = next(t for rc, t in results if rc == 0)
+    loser = next(t for rc, t in results if rc == 1)
+    assert "done in" in winner and "being run by another process" in loser and "done in" not in loser, loser
+    assert "1 being run by other processes" in loser and "run the study again once they finish" in loser
+    assert "Traceback" not in loser + winner and "database is locked" not in (loser + winner).lower()
+    runs = all_runs(db, "digits_depth")
+    cells = [r for r in runs if r.data.tags.get("pnc.role") == "cell" and r.info.lifecycle_stage == "active"]
+    assert len(cells) == 1 and cells[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in cells]
+    assert cells[0].info.run_id in loser, "the loser names the run that holds the cell"
+    again = run_all([cmd], tmp_path, env, timeout=300)
+    check_clean(again)
+    assert "finished earlier" in again[0][1]
