@@ -413,15 +413,33 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
     return out
 
 
+def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
+    """Models listed twice, from the raw entries (also when another entry is invalid)."""
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return []
+    names = [m if isinstance(m, str) else m.get("name") if isinstance(m, dict) else None for m in models]
+    names = [n for n in names if isinstance(n, str)]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    return [(("models",), f"duplicate models: {', '.join(dups)}")] if dups else []
+
+
 def _partial_spec(data: dict) -> Any | None:
     """The blocks of an invalid spec that do validate, for the cross-field rules (None without a valid dataset)."""
     from types import SimpleNamespace
 
     if data.get("kind") not in KINDS:
         return None
-    try:
-        dataset = DatasetSpec.model_validate(data.get("dataset"))
-    except ValidationError:
+    raw = data.get("dataset")
+    # An invalid dataset block still names its dataset (and domain): enough for the domain and label-set rules.
+    tries = [raw] + ([{k: raw[k] for k in ("name", "domain") if k in raw}] if isinstance(raw, dict) else [])
+    for attempt in tries:
+        try:
+            dataset = DatasetSpec.model_validate(attempt)
+            break
+        except ValidationError:
+            continue
+    else:
         return None
 
     def block(cls, key):
@@ -730,6 +748,7 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
         try:  # cross-field rules on the blocks that are valid: every problem at once (best effort)
             partial = _partial_spec(data)
             extra = _semantic_problems(partial) if partial is not None else []
+            extra += _duplicate_model_names(data)
         except Exception:  # noqa: BLE001 - the field-level problems above are reported regardless
             extra = []
         for loc, msg in extra:

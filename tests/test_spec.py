@@ -131,6 +131,27 @@ def test_cross_field_problems_come_with_field_problems(tmp_path: Path) -> None:
     assert any("unknown model 'resnet5000'" in p for p in found) and any("Did you mean 'Product'" in p for p in found), found
 
 
+
+def test_an_invalid_dataset_block_still_checks_domains_and_label_sets(tmp_path: Path) -> None:
+    """A typo elsewhere in the dataset block must not hide that a domain or a label set does not exist."""
+    found = problems(write(tmp_path, TRANSFER.replace("{name: office_home}", "{name: office_home, size: 32}")))
+    assert found == ["s.yaml:3:30: dataset.size: unknown key 'size'. Available: domain, image_size, name, root, test_split, train_split.",
+                     "s.yaml:7:13: transfer.targets[0]: unknown domain 'Prodcut' of office_home. Did you mean 'Product'? "
+                     "Available: Art, Clipart, Product, Real_World."], found
+    noisy = NOISE.replace("{name: digits}", "{name: cifar10, image_size: big}").replace("[aggre]", "[aggre, worst]")
+    found = problems(write(tmp_path, noisy))
+    assert any("dataset.image_size" in p for p in found), found
+    assert any("no human label set 'worst'. Did you mean 'worse'?" in p for p in found), found
+
+
+def test_duplicate_models_are_reported_with_unknown_ones(tmp_path: Path) -> None:
+    text = GOOD.replace("[resnet8, resnet14]", "[resnet8, {name: resnet8}, resnet99x]")
+    found = problems(write(tmp_path, text))
+    assert "s.yaml:6:1: models: duplicate models: resnet8" in found, found
+    assert any(p.startswith("s.yaml:6:") and "unknown model 'resnet99x'" in p for p in found), found
+    assert problems(write(tmp_path, GOOD.replace("resnet14]", "resnet8]"))) == ["s.yaml:6:1: models: duplicate models: resnet8"]
+
+
 def test_cross_field_rules(tmp_path: Path) -> None:
     text = NOISE.replace("1.5", "0.5").replace("gausian_noise", "gaussian_noise").replace("9]", "3]")
     found = problems(write(tmp_path, text))
