@@ -136,7 +136,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
 
     net = accelerator.unwrap_model(model).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    extractor = FeatureExtractor(net, layers=spec.measure.layers, reduction=spec.measure.reduction, seed=spec.train.seed)
+    extractor = FeatureExtractor(net, layers=spec.measure.layer_selection, reduction=spec.measure.reduction, seed=spec.train.seed)
     acc_counts: dict[str, torch.Tensor] = {}
     current: dict[str, Any] = {"split": None, "y": None}
 
@@ -242,11 +242,14 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
     model, result, ckpt = _train_cell(spec, cell, data, accelerator=accelerator, run_id=run_id, progress=progress,
                                       on_epoch=on_epoch if main else None)
     size, ch = spec.dataset.size, info.channels
-    noisy_labels = data.clean_labels is not None
-    cols = [data.train.labels, data.clean_labels] if noisy_labels else None
+    is_noise = spec.kind == "noise_sweep"
+    # Label noise, and the clean cell of a noise sweep (noisy = clean labels, so Delta should come out 1):
+    # both label vectors accumulated in the one pass. Corrupted inputs: one label vector, two passes below.
+    noisy_labels = is_noise and data.clean_inputs is None
+    cols = ([data.train.labels, data.clean_labels if data.clean_labels is not None else data.train.labels]
+            if noisy_labels else None)
     train_ds = ImageDataset(data.train, image_size=size, channels=ch, label_columns=cols)
     test_ds = ImageDataset(data.test, image_size=size, channels=ch)
-    is_noise = spec.kind == "noise_sweep"
     label_names = ("noisy", "clean") if noisy_labels else ("train",)
     layers, names, accs = measure_model(model, spec, {"train": train_ds, "test": test_ds}, accelerator=accelerator,
                                         num_classes=info.num_classes, label_names=label_names, progress=progress,
@@ -266,13 +269,10 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
                 results[k] = v
         results["mem_ratio/train"] = list(np.asarray(results["cdnv/train_clean"]) / np.asarray(results["cdnv/train_noisy"]))
         accs["train_clean"] = clean_accs["train"]
-    elif is_noise and not noisy_labels:
-        # the clean cell of a noise sweep: noisy == clean, so Delta = 1 on every layer
-        results = {k.replace("/train", "/train_noisy") if k.endswith("/train") else k: v for k, v in layers.items()}
-        results.update({k.replace("/train", "/train_clean"): v for k, v in layers.items() if k.endswith("/train")})
-        results["mem_ratio/train"] = [1.0] * len(names)
     if "mem_ratio/train" in results:
-        mem_layers = [i for i, r in enumerate(results["mem_ratio/train"]) if r > 1.0]
+        from .metrics.collapse import memorization_layers
+
+        mem_layers = memorization_layers(results["mem_ratio/train"])
     results.pop("memorization_layers", None)
     summary = {"train_acc": result.acc, "train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
                "epochs": result.epochs, "resumed_from": result.resumed_from}

@@ -20,10 +20,13 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
+    Tag,
 )
 
 from . import catalog
@@ -148,11 +151,47 @@ class TrainSpec(_Spec):
     max_loss: float = Field(1e4, gt=0, description="A loss above this (or NaN) fails the cell as diverged.")
 
 
+class LayerSelection(_Spec):
+    """Tapped modules chosen by class name (``types``) and/or module-name glob pattern (``names``)."""
+
+    types: list[str] = Field(default_factory=list, description="Module class names, e.g. BasicBlock, SwinTransformerBlock.")
+    names: list[str] = Field(default_factory=list, description="Module name glob patterns, e.g. 'layer3.*', 'penultimate'.")
+
+    @model_validator(mode="after")
+    def _something(self) -> "LayerSelection":
+        if not self.types and not self.names:
+            raise ValueError("give at least one module class under 'types' or one name pattern under 'names'")
+        _no_duplicates(self.types)
+        _no_duplicates(self.names)
+        return self
+
+
+def _selection_form(v: Any) -> str | None:
+    """Which form of ``measure.layers`` a value takes (only that form's errors are reported)."""
+    if isinstance(v, str):
+        return "keyword"
+    if isinstance(v, (list, tuple)):
+        return "names"
+    if isinstance(v, (dict, LayerSelection)):
+        return "selection"
+    return None
+
+
+Layers = Annotated[
+    Union[Annotated[Literal["blocks", "stages"], Tag("keyword")], Annotated[list[str], Tag("names")],
+          Annotated[LayerSelection, Tag("selection")]],
+    Discriminator(_selection_form, custom_error_type="layers_form",
+                  custom_error_message="expected 'blocks', 'stages', a list of module name patterns, "
+                                       "or a mapping {types: [...], names: [...]}"),
+]
+
+
 class MeasureSpec(_Spec):
     """What is measured on every tapped layer."""
 
-    layers: Literal["blocks", "stages"] | list[str] = Field(
-        "blocks", description="'blocks' (every residual/transformer block + penultimate), 'stages', or module name patterns."
+    layers: Layers = Field(
+        "blocks", description="'blocks' (every residual/transformer block + penultimate), 'stages', module name patterns, "
+                              "or {types: [module classes], names: [patterns]}."
     )
     reduction: str = Field("avgpool", pattern=r"^(avgpool|flatten|project:[1-9][0-9]*)$")
     metrics: list[Literal["cdnv", "nc1", "nc2", "ncc", "probe"]] = Field(default_factory=lambda: list(METRICS), min_length=1)
@@ -172,6 +211,13 @@ class MeasureSpec(_Spec):
     @classmethod
     def _unique_metrics(cls, v: list[str]) -> list[str]:
         return _no_duplicates(v)
+
+    @property
+    def layer_selection(self) -> str | list[str] | dict[str, list[str]]:
+        """``layers`` as :class:`pnc.features.FeatureExtractor` takes it."""
+        if isinstance(self.layers, LayerSelection):
+            return {k: v for k, v in self.layers.model_dump().items() if v}
+        return self.layers
 
 
 class ProbeSpec(_Spec):
@@ -536,9 +582,11 @@ _TAGS = set(KINDS) | {"symmetric", "class_dependent", "human"}
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop the discriminator tags and validator names pydantic adds to error locations."""
-    out = []
-    for part in loc:
+    out: list = []
+    for i, part in enumerate(loc):
         if isinstance(part, str) and (part in _TAGS or part.startswith("function-") or part in ("str", "ModelSpec")):
+            continue
+        if tuple(loc[max(i - 2, 0):i]) == ("measure", "layers") and part in ("keyword", "names", "selection"):  # its form
             continue
         out.append(part)
     return tuple(out)

@@ -222,6 +222,34 @@ def test_pattern_and_type_selections():
     assert [n for n, _ in select_layers(model, "layer2.0")] == ["layer2.0"]
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("{types: [BasicBlock]}", ["layer1.0", "layer2.0", "layer3.0"]),
+    ("{types: [BasicBlock], names: [penultimate]}", ["layer1.0", "layer2.0", "layer3.0", PENULTIMATE]),
+    ("{names: ['layer[23].0', conv1]}", ["conv1", "layer2.0", "layer3.0"]),
+    ("['layer1.*']", "layer1.*"),
+    ("stages", None),
+])
+def test_spec_layer_selection_reaches_the_extractor(tmp_path, text, expected):
+    """`measure.layers` in a spec, in each of its forms, taps exactly the modules it names."""
+    from pnc.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text(f"kind: depth_sweep\nname: t\ndataset: {{name: digits, image_size: 8}}\nmodels: [resnet8]\n"
+                 f"measure:\n  layers: {text}\n")
+    spec = load_spec(p)
+    model = build_model("resnet8", num_classes=10, in_chans=1, image_size=8)
+    names = [n for n, _ in select_layers(model, spec.measure.layer_selection)]
+    if expected is None:
+        assert names == [n for n, _ in select_layers(model, "stages")]
+    elif isinstance(expected, str):
+        assert names == [n for n, _ in model.named_modules() if n.startswith("layer1.")] and len(names) > 3
+    else:
+        assert names == expected
+    with FeatureExtractor(model, layers=spec.measure.layer_selection) as extractor:
+        _, feats = extractor(torch.randn(2, 1, 8, 8))
+    assert list(feats) == names
+
+
 @pytest.mark.parametrize(
     "selection, match",
     [(["layer4.*"], r"layer pattern 'layer4\.\*'.*matches no module of CifarResNet.*Available: .*layer1"),

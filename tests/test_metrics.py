@@ -264,6 +264,7 @@ def test_memorization_ratio_and_layers():
     assert r == [0.5, 0.5, 3.0, 1.0]
     assert memorization_layers(r) == [2]
     assert memorization_layers([0.1, float("nan"), 1.5, 1.2]) == [2, 3]
+    assert memorization_layers([1.0 + 2.3e-16, 1.0 - 1e-16, 1.0 + 1e-6]) == [2], "rounding of equal statistics is not memorization"
     with pytest.warns(MetricWarning):
         assert memorization_ratio([1.0], [0.0]) == [math.inf]
 

@@ -208,7 +208,12 @@ def memorization_ratio(cdnv_clean: Sequence[float], cdnv_noisy: Sequence[float])
     return out
 
 
-def memorization_layers(ratios: Sequence[float]) -> list[int]:
+ROUNDING_TOL = 1e-9
+
+
+def memorization_layers(ratios: Sequence[float], tol: float = ROUNDING_TOL) -> list[int]:
     """Memorization layers {l : Delta_l > 1} (paper Definition 2), as 0-based layer indices.
-    NaN ratios are never counted."""
-    return [i for i, r in enumerate(ratios) if r > 1.0]
+
+    ``Delta_l > 1 + tol``: identical statistics (clean labels on both sides) give Delta within a few
+    ulps of 1, which must not count as memorization. NaN ratios are never counted."""
+    return [i for i, r in enumerate(ratios) if r > 1.0 + tol]
