@@ -332,12 +332,35 @@ def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: st
     from . import tracking
 
     failed = [o for o in outcomes if o.status == "FAILED"]
+    busy = [o for o in outcomes if o.status == "BUSY"]
     if main:
-        log_study_summary(spec, parent)
         if results_path:
             _write_results(Path(results_path), spec, outcomes)
-        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
-    return failed + [o for o in outcomes if o.status == "BUSY"]
+        if failed or study_complete(spec, outcomes):
+            log_study_summary(spec, parent)
+            tracking.end_run(parent, "FAILED" if failed else "FINISHED")
+        else:  # run in parts (`--cell`, fanned out) and not all done: the last cell to finish closes the study
+            print(f"{spec.name}: other cells of the study are not finished yet; its analyses and parent run "
+                  f"(left RUNNING) are closed by the run that finishes the last cell", file=sys.stderr)
+    return failed + busy
+
+
+def study_complete(spec: Any, outcomes: list) -> bool:
+    """Whether every cell of the study (every (source, target) pair of a transfer study) has a FINISHED run:
+    known from ``outcomes`` when this process went through all cells, else looked up in the store."""
+    from . import tracking
+    from .study import expand
+
+    cells = expand(spec)
+    if any(o.status == "BUSY" for o in outcomes) or {o.cell.id for o in outcomes} != {c.id for c in cells}:
+        exp_id = tracking.experiment_id(spec.experiment)
+        wanted = ([(f"{c.id}:{t}", "transfer") for c in cells for t in c.targets] if spec.kind == "domain_transfer"
+                  else [(c.id, "cell") for c in cells])
+        for cell_id, role in wanted:
+            run = tracking.find_cell_run(exp_id, cell_id, role=role)
+            if run is None or run.info.status != "FINISHED":
+                return False
+    return True
 
 
 def close_study(spec: Any, outcomes: list, incomplete: list, accelerator: Any) -> int:

@@ -185,3 +185,38 @@ def test_one_cell_started_twice_at_once_is_trained_once(tmp_path: Path) -> None:
     again = run_all([cmd], tmp_path, env, timeout=300)
     check_clean(again)
     assert "finished earlier" in again[0][1]
+
+
+@pytest.mark.slow
+def test_cells_run_one_by_one_close_the_study_with_the_last(tmp_path: Path) -> None:
+    """`pnc run --cell` for one cell of two: the parent stays RUNNING with no analyses; running the other
+    cell finishes the study: analyses on the parent, parent FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    env = env_for(db)
+    pnc = [sys.executable, "-m", "pnc.cli"]
+    assert subprocess.run([*pnc, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
+    plan = subprocess.run([*pnc, "plan", "specs/digits_depth.yaml", *OVERRIDES, "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    ids = [cell["id"] for cell in json.loads(plan.stdout)["cells"]]
+    c = MlflowClient(f"sqlite:///{db}")
+
+    def parent():
+        (p,) = [r for r in all_runs(db, "digits_depth") if r.data.tags.get("pnc.role") == "study"]
+        return c.get_run(p.info.run_id)
+
+    first = run_all([[*pnc, "run", "specs/digits_depth.yaml", *OVERRIDES, "--cell", ids[0], "--no-progress"]], tmp_path, env, 300)
+    check_clean(first)
+    assert "left RUNNING" in first[0][1]
+    p = parent()
+    assert p.info.status == "RUNNING", p.info.status
+    assert "pnc.efficient_depth" not in p.data.tags and "efficient_depth/validation" not in p.data.metrics, "no analysis of half a study"
+    second = run_all([[*pnc, "run", "specs/digits_depth.yaml", *OVERRIDES, "--cell", ids[1], "--no-progress"]], tmp_path, env, 300)
+    check_clean(second)
+    assert "left RUNNING" not in second[0][1]
+    p = parent()
+    assert p.info.status == "FINISHED"
+    assert "pnc.efficient_depth" in p.data.tags and "efficient_depth/validation" in p.data.metrics, (p.data.tags, p.data.metrics)
