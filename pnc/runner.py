@@ -221,7 +221,7 @@ def _train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=Non
     model = build_model(m.name, num_classes=info.num_classes, in_chans=info.channels, image_size=spec.dataset.size,
                         source=m.source, cifar_stem=m.cifar_stem, pretrained=m.pretrained, weights=m.weights, **m.kwargs)
     train_ds = ImageDataset(data.train, image_size=spec.dataset.size, channels=info.channels,
-                            augment=make_augment(spec.train.augmentation))
+                            augment=make_augment(spec.train.augmentation, spec.train.seed))
     ckpt = CHECKPOINT_ROOT / spec.experiment / f"{cell.id}.pt"
     result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
                    progress=progress, desc=cell.name, extra_state={"run_id": run_id})

@@ -109,7 +109,7 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
 
     from .data.torchdata import EpochShuffle
 
-    sampler = EpochShuffle(len(dataset), tspec.seed)
+    sampler = EpochShuffle(len(dataset), tspec.seed, encode_epoch=getattr(dataset, "decodes_epoch", False))
     loader = DataLoader(dataset, batch_size=tspec.batch_size, sampler=sampler, num_workers=tspec.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=False,
                         persistent_workers=tspec.num_workers > 0)
@@ -121,6 +121,8 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
         optimizer.load_state_dict(state["optimizer"])
         start = resumed = state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     loss_fn = torch.nn.CrossEntropyLoss()
     loss_v, acc_v = float("nan"), float("nan")
@@ -168,6 +170,7 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
         if checkpoint is not None and accelerator.is_main_process:
             _atomic_save({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                           "epoch": epoch, "loss": loss_v, "acc": acc_v, "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                           **(extra_state or {})}, checkpoint)
         accelerator.wait_for_everyone()
     bar.close()

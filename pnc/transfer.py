@@ -67,6 +67,17 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
     return mv
 
 
+def registered_model_id(mv: Any) -> str | None:
+    """The logged model (``m-...``) behind a model version: ``mv.model_id`` where the store fills it in,
+    else from its source URI ``models:/m-...`` (MLflow 3 leaves model_id empty on versions it reads back)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = getattr(mv, "source", "") or ""
+    if source.startswith("models:/m-"):
+        return source[len("models:/"):].split("/")[0]
+    return None
+
+
 def load_registered(uri: str):
     import mlflow.pytorch
 
@@ -112,12 +123,19 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
             digest = data_digest(src.inputs)
             name = registered_name(spec, cell)
             mv = None if force else find_registered(name, cell.id, digest) if main else None
+            reused = mv is not None
+            if accelerator.num_processes > 1:  # every process takes the same branch
+                from accelerate.utils import broadcast_object_list
+
+                box = [reused]
+                broadcast_object_list(box)
+                reused = box[0]
             t0 = time.time()
             summary: dict = {"registered_model": name}
-            net = None
-            if main and mv is not None:
-                print(f"[{i + 1}/{len(cells)}] {cell.name}: reusing registered model {name} v{mv.version}", file=sys.stderr)
-                run_id = mv.run_id
+            if reused:
+                run_id = mv.run_id if main else None
+                if main:
+                    print(f"[{i + 1}/{len(cells)}] {cell.name}: reusing registered model {name} v{mv.version}", file=sys.stderr)
             else:
                 run_id, decision, busy_reason = None, "run", ""
                 if main:
@@ -189,9 +207,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                 broadcast_object_list(box)
                 version = box[0]
             uri = f"models:/{name}/{version}"
-            if net is None:
-                net = load_registered(uri)
-            net = net.to(accelerator.device)
+            net = load_registered(uri).to(accelerator.device)  # also when just trained: targets see what the registry holds
             summary.update({"model_uri": uri, "source_run_id": run_id, "targets": {}})
             busy_targets: list[str] = []
             for target in cell.targets:
@@ -262,8 +278,9 @@ def _log_model_input(run_id: str, mv: Any) -> None:
 
     from . import tracking
 
-    if getattr(mv, "model_id", None):
-        tracking._retrying(lambda: tracking.client().log_inputs(run_id, models=[LoggedModelInput(mv.model_id)]))
+    model_id = registered_model_id(mv)
+    if model_id:
+        tracking._retrying(lambda: tracking.client().log_inputs(run_id, models=[LoggedModelInput(model_id)]))
     tracking.log_tags(run_id, {"pnc.registered_model": mv.name, "pnc.registered_version": mv.version})
 
 

@@ -115,3 +115,28 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         a, b = _layer(c1, runs1[0].info.run_id, key), _layer(c2, runs2[0].info.run_id, key)
         assert len(a) == len(b) == 4
         assert a == pytest.approx(b, rel=rel, abs=abs_), (key, a, b)
+
+
+@pytest.mark.slow
+def test_two_process_transfer_study_runs_then_reuses_its_registered_model(tmp_path: Path) -> None:
+    """Under torchrun, every process takes the same branch: train and register on the first run, reuse the
+    registered version (no training, no new version) on the second, instead of diverging collectives."""
+    sets = ["--set", "models=[resnet8]", "--set", "train.epochs=1", "--set", "transfer.sources=[handwritten]",
+            "--set", "transfer.targets=[handwritten, typeset]"]
+    d = _project(tmp_path, "two")
+    env = dict(_env(d), OMP_NUM_THREADS="1")
+
+    def torchrun() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                               "--master_port", str(_free_port()), "-m", "pnc.cli", "run", "specs/digits_transfer.yaml", *sets],
+                              cwd=d, env=env, capture_output=True, text=True, timeout=600)
+
+    first = torchrun()
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = torchrun()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing registered model digits_transfer-resnet8 v1" in again.stderr, again.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+    assert [str(v.version) for v in c.search_model_versions("name='digits_transfer-resnet8'")] == ["1"]

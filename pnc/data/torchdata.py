@@ -31,6 +31,8 @@ def _resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
 class ImageDataset(Dataset):
     """A split as tensors. In-memory splits are resized once; file-backed splits lazily per item."""
 
+    decodes_epoch = True  # takes EpochShuffle's epoch * n + i keys
+
     def __init__(self, split: ImageSplit, *, image_size: int, channels: int, label_columns: Sequence[np.ndarray] | None = None,
                  augment=None):
         self.split = split
@@ -61,49 +63,86 @@ class ImageDataset(Dataset):
         img = self.split.image(i)[None]
         return self._channels(_resize_uint8(img, self.size))[0].mul_(2.0).sub_(1.0)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int):
+        # EpochShuffle hands out epoch * n + i, so that (persistent) workers know the epoch: the augmentation of
+        # sample i in epoch e depends only on (seed, e, i), and a resumed run sees the same images.
+        n = len(self.labels)
+        i, epoch = key % n, key // n
         x = self._load(i)
         if self.augment is not None:
-            x = self.augment(x)
+            x = self.augment(x, self.augment.generator(epoch, i))
         return x, self.labels[i], i
 
 
 class Augment:
-    """Random crop with zero padding and horizontal flip (Papyan/He CIFAR style), on tensors."""
+    """Training augmentation on tensors, its randomness drawn from (seed, epoch, sample index) only.
 
-    def __init__(self, *, random_crop: bool, padding: int, horizontal_flip: bool):
-        self.random_crop, self.padding, self.flip = random_crop, padding, horizontal_flip
+    ``random_crop`` with ``padding > 0``: a crop of the image padded with ``padding`` pixels (He/Papyan CIFAR
+    style); with ``padding == 0``: a random-resized crop (area 8-100%, aspect 3/4-4/3, resized back; the
+    ImageNet recipe). ``horizontal_flip``: a flip with probability 1/2.
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *, random_crop: bool, padding: int, horizontal_flip: bool, seed: int = 0):
+        self.random_crop, self.padding, self.flip, self.seed = random_crop, padding, horizontal_flip, seed
+
+    def generator(self, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 2_147_483_659 + index) % (2**63 - 1))
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         if self.random_crop and self.padding > 0:
             p = self.padding
             s = x.shape[-1]
             padded = torch.nn.functional.pad(x, (p, p, p, p), value=-1.0)
-            i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            i, j = torch.randint(0, 2 * p + 1, (2,), generator=gen).tolist()
             x = padded[:, i:i + s, j:j + s]
-        if self.flip and torch.rand(()) < 0.5:
+        elif self.random_crop:
+            x = _random_resized_crop(x, gen)
+        if self.flip and torch.rand((), generator=gen) < 0.5:
             x = x.flip(-1)
         return x
 
 
-def make_augment(aug) -> Augment | None:
+def _random_resized_crop(x: torch.Tensor, gen: torch.Generator | None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop on a (C, H, W) tensor: 10 tries, then the central crop."""
+    c, h, w = x.shape
+    area = h * w
+    log_r = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item())
+        aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand((), generator=gen)).item()
+        cw, ch = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
+            break
+    else:
+        ch, cw = h, w
+        top, left = 0, 0
+    crop = x[None, :, top:top + ch, left:left + cw]
+    return torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def make_augment(aug, seed: int = 0) -> Augment | None:
     if aug is None or not (aug.random_crop or aug.horizontal_flip):
         return None
-    return Augment(random_crop=aug.random_crop, padding=aug.crop_padding, horizontal_flip=aug.horizontal_flip)
+    return Augment(random_crop=aug.random_crop, padding=aug.crop_padding, horizontal_flip=aug.horizontal_flip, seed=seed)
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation that depends only on (seed, epoch): resumed runs see the same order."""
+    """A permutation that depends only on (seed, epoch): resumed runs see the same order. With
+    ``encode_epoch`` it yields ``epoch * n + i`` for sample ``i`` (ImageDataset decodes both), so that
+    workers know the epoch."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, encode_epoch: bool = False):
+        self.n, self.seed, self.epoch, self.encode_epoch = n, seed, 0, encode_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)
+        return iter((order + self.epoch * self.n if self.encode_epoch else order).tolist())
 
     def __len__(self) -> int:
         return self.n

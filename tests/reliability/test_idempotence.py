@@ -144,6 +144,9 @@ def test_transfer_study_rerun_registers_no_new_model_version(tmp_path: Path) -> 
     assert [str(v.version) for v in versions] == ["1"]
     runs0 = _runs(d, "digits_transfer")
     assert sorted(r.data.tags.get("pnc.role") for r in runs0.values()) == ["cell", "study", "transfer"]
+    (trun,) = [r for r in runs0.values() if r.data.tags.get("pnc.role") == "transfer"]
+    model_ids = [m.model_id for m in c.get_run(trun.info.run_id).inputs.model_inputs]
+    assert model_ids and model_ids == [versions[0].source.split("/")[-1]], "the target run's input is the registered model"
 
     again = pnc(sets, d)
     assert again.returncode == 0, again.stderr
