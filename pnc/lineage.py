@@ -1,9 +1,10 @@
 """``pnc lineage RUN_ID``: from an MLflow run back through derived splits to the raw data.
 
 For every dataset input the run logged, re-hash the data on disk and compare with the logged
-digest; follow a derived split's manifest to its base split; name the DVC stage that writes each
-folder and the hashes ``dvc.lock`` recorded for it. Exit 0 when everything still matches, 1 when
-something drifted or is missing.
+digest; follow a derived split's manifest to its base split (a pnc split folder, or a raw dataset
+reloaded from its files); name the DVC stage that writes each folder and the hashes ``dvc.lock``
+recorded for it, and the ``.dvc`` file (``dvc add``) and md5 of raw data. Exit 0 when everything
+still matches, 1 when something drifted or is missing.
 """
 from __future__ import annotations
 
@@ -61,34 +62,97 @@ def _check_store_split(path: str, logged: str | None) -> dict:
     if lock:
         node["dvc"] = lock
     base = m.get("base") if isinstance(m.get("base"), dict) else None
+    raw = m.get("base_raw") if isinstance(m.get("base_raw"), dict) else None
     if base and base.get("path"):
         node["base"] = _check_store_split(base["path"], base.get("split_digest") or base.get("digest"))
+    elif raw and raw.get("dataset"):
+        node["base"] = _check_raw(str(raw.get("path") or raw["dataset"]), raw.get("digest"), _raw_ref(raw, "", {}), raw)
     return node
 
 
-def _check_raw(inp: dict, params: dict) -> dict:
+def _param(params: dict, key: str) -> str | None:
+    v = params.get(key)
+    return None if v in (None, "None", "") else v
+
+
+def _raw_ref(src: dict, name: str, params: dict) -> dict:
+    """Which raw split an input is: dataset, root, domain, split, train_fraction (from the logged source, else the run's params).
+
+    A transfer-target run (param ``transfer.target``) read the target domain; a source-training run
+    (``transfer.source``) the source domain; other runs ``dataset.domain``.
+    """
+    if src.get("dataset"):
+        ref = {k: src.get(k) for k in ("dataset", "root", "domain", "split", "train_fraction")}
+    else:
+        ref = {"dataset": _param(params, "dataset.name"), "root": _param(params, "dataset.root"),
+               "domain": _param(params, "transfer.target") or _param(params, "transfer.source") or _param(params, "dataset.domain"),
+               "split": name.rsplit("/", 1)[-1], "train_fraction": _param(params, "transfer.train_fraction")}
+    ref["train_fraction"] = float(ref["train_fraction"]) if ref.get("train_fraction") is not None else 0.8
+    return ref
+
+
+def _dvc_node(logged_file: str | None, logged_md5: str | None, folder: str | None) -> dict | None:
+    """The ``.dvc`` file tracking a raw folder: its md5 now and at run time."""
+    from .data.base import dvc_tracking
+
+    now = dvc_tracking(folder) if folder else None
+    if now is None and logged_file and Path(logged_file).is_file():
+        now = dvc_tracking(Path(logged_file).with_suffix(""))
+    if not now and not logged_file:
+        return None
+    return {"file": (now or {}).get("dvc_file") or logged_file, "md5": (now or {}).get("dvc_md5"), "logged_md5": logged_md5}
+
+
+def _check_raw(path: str, logged: str | None, ref: dict, dvc: dict | None = None) -> dict:
+    """Reload one raw split with its loader and compare its digest with ``logged``."""
     from .catalog import DATASETS
 
-    node: dict[str, Any] = {"path": inp["uri"], "logged_digest": inp["digest"]}
-    name = params.get("dataset.name")
+    node: dict[str, Any] = {"path": path, "logged_digest": logged, "raw": ref}
+    name = ref.get("dataset")
     if name not in DATASETS or DATASETS[name].embedded:
         node.update(status="unknown", message="not a pnc split folder and no raw dataset to reload")
         return node
-    try:
-        from .data.registry import _raw_splits
-        from .spec import DatasetSpec
+    from .data.cifar import dataset_root
+    from .data.registry import _raw_splits
+    from .spec import DatasetSpec
 
-        ds = DatasetSpec(name=name, root=None if params.get("dataset.root") in (None, "None") else params["dataset.root"])
-        domain = params.get("transfer.source") or (None if params.get("dataset.domain") in (None, "None") else params["dataset.domain"])
-        split = inp["name"].rsplit("/", 1)[-1]
-        now = _raw_splits(ds, domain)[split].digest()
-    except PncError as e:
-        node.update(status="missing", message=str(e).splitlines()[0])
+    folder = dataset_root(name, ref.get("root"))
+    dvc = dvc or {}
+    logged_file = dvc.get("dvc_file") or (dvc["dvc_stage"] if str(dvc.get("dvc_stage") or "").endswith(".dvc") else None)
+    d = _dvc_node(logged_file, dvc.get("dvc_md5"), str(folder))
+    if d:
+        node["dvc_tracked"] = d
+    gone = not Path(path).exists() and not folder.exists()
+    fix = f"restore it ({'`dvc checkout ' + d['file'] + '`' if d else 'see docs/datasets.md'})"
+    try:
+        ds = DatasetSpec(name=name, root=ref.get("root"))
+        splits = _raw_splits(ds, ref.get("domain"), ref["train_fraction"])
+        if ref["split"] not in splits:
+            raise PncError(f"{name} has no split {ref['split']!r}")
+        now = splits[ref["split"]].digest()
+    except (PncError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        status = "missing" if gone or isinstance(e, FileNotFoundError) else "drifted"
+        what = "is missing" if status == "missing" else "can no longer be read"
+        node.update(status=status, message=f"raw data {path} {what} ({first}); {fix}")
         return node
     node["current_digest"] = now
-    ok = now.startswith(inp["digest"])
-    node.update(status="ok" if ok else "drifted", **({} if ok else {"message": f"raw data changed: logged {inp['digest'][:16]}, now {now[:16]}"}))
+    if logged is None or now.startswith(logged):
+        node["status"] = "ok"
+    else:
+        node.update(status="drifted", message=f"raw data changed: {path} logged {logged[:16]}, now {now[:16]}; {fix} "
+                                              "or re-run the study on the new data")
     return node
+
+
+def _is_store_split(uri: str, stage: str | None) -> bool:
+    """A pnc split folder (embedded or derived, with manifest.json), as opposed to raw data in its original format."""
+    from .data.registry import DERIVED_ROOT, EMBEDDED_ROOT
+
+    p = Path(uri)
+    if (p / "manifest.json").exists() or (stage or "").startswith(("embed@", "derive@")):
+        return True
+    return any(p == r or r in p.parents for r in (EMBEDDED_ROOT, DERIVED_ROOT))
 
 
 def trace(run_id: str) -> dict:
@@ -108,7 +172,10 @@ def trace(run_id: str) -> dict:
         ctx = next((t.value for t in di.tags if t.key == "mlflow.data.context"), "")
         inp = {"name": di.dataset.name, "digest": di.dataset.digest, "uri": src.get("uri"), "stage": src.get("dvc_stage"), "context": ctx}
         uri = inp["uri"] or ""
-        node = _check_store_split(uri, inp["digest"]) if (Path(uri) / "manifest.json").exists() or uri.startswith("data/") else _check_raw(inp, params)
+        if _is_store_split(uri, inp["stage"]):
+            node = _check_store_split(uri, inp["digest"])
+        else:
+            node = _check_raw(uri, inp["digest"], _raw_ref(src, inp["name"], params), src)
         inputs.append({**inp, "check": node})
     spec_path = tags.get(tracking.TAG_SPEC)
     spec_node: dict[str, Any] = {"path": spec_path, "logged_digest": tags.get(tracking.TAG_SPEC_DIGEST)}
@@ -147,6 +214,15 @@ def _print_node(node: dict, indent: str) -> None:
     if "transform" in m:
         extra = f", realised noise rate {m['realized_noise_rate']:.4f}" if m.get("realized_noise_rate") is not None and m.get("transform") in ("symmetric", "class_dependent", "human") else ""
         print(f"{indent}  derived: {m['transform']} level {m.get('level')} seed {m.get('seed')}{extra}")
+    raw = node.get("raw")
+    if raw and raw.get("dataset"):
+        where = ", ".join(f"{k} {raw[k]}" for k in ("domain", "split") if raw.get(k))
+        frac = f", train_fraction {raw['train_fraction']}" if raw.get("dataset") == "office_home" else ""
+        print(f"{indent}  raw dataset {raw['dataset']} ({where}{frac})")
+    if node.get("dvc_tracked"):
+        t = node["dvc_tracked"]
+        then = f" (at run time: {t['logged_md5']})" if t.get("logged_md5") and t["logged_md5"] != t.get("md5") else ""
+        print(f"{indent}  tracked by DVC: {t['file']} md5 {t.get('md5') or t.get('logged_md5') or '?'}{then}")
     if node.get("dvc"):
         d = node["dvc"]
         print(f"{indent}  written by DVC stage {d['stage']} ({d['cmd']}); dvc.lock: {d['out']} md5 {d['md5']}")

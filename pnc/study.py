@@ -51,6 +51,14 @@ class Cell:
         return hashlib.sha256(self.config.encode()).hexdigest()[:12]
 
     @property
+    def train_key(self) -> str:
+        """Digest of what the cell's training depends on (dataset, model, recipe, source domain), not of how it
+        is measured: a transfer study whose probes or targets change reuses its registered source models."""
+        cfg = json.loads(self.config)
+        keep = {k: cfg[k] for k in ("kind", "dataset", "model", "train", "source", "train_fraction", "noise") if k in cfg}
+        return hashlib.sha256(_cfg(keep).encode()).hexdigest()[:12]
+
+    @property
     def name(self) -> str:
         return f"{self.study}@" + ",".join(f"{k}={v}" for k, v in self.axes)
 

@@ -133,15 +133,34 @@ def _retrying(fn, attempts: int = 8):
             time.sleep(0.25 * 2**i)
 
 
+# Untracked files here are what pnc and DVC write (data, reports, results), not code: they leave the tree clean.
+# ``.dvc`` files are the exception (a new ``dvc add`` not yet committed is a change).
+_GIT_OUTPUT_DIRS = ("data/", "reports/", "results/")
+
+
 def git_state() -> dict[str, str]:
-    """Commit of the working tree and whether it has uncommitted changes."""
+    """Commit of the working tree and whether it has uncommitted changes.
+
+    Dirty means modified, staged or untracked files (a new spec not yet added counts); ignored files
+    (mlflow.db, .pnc/) and untracked outputs under :data:`_GIT_OUTPUT_DIRS` do not. One ``git status``
+    with ``--untracked-files=normal``: an untracked folder is one line, not one per file, and ignored
+    folders are not read.
+    """
     out = {"pnc.version": __version__}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             out["pnc.git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-            out["pnc.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"],
+                                    capture_output=True, text=True, timeout=10)
+            if status.returncode == 0:
+                def counts(line: str) -> bool:
+                    if not line.startswith("?? "):
+                        return bool(line.strip())
+                    path = line[3:].strip().strip('"')
+                    return not path.startswith(_GIT_OUTPUT_DIRS) or path.endswith(".dvc")
+
+                out["pnc.git_dirty"] = str(any(counts(line) for line in status.stdout.splitlines())).lower()
     except (OSError, subprocess.SubprocessError):
         pass
     return out
@@ -402,7 +421,7 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
     c = client()
     items = []
     for inp in inputs:
-        source = json.dumps({"uri": inp.path, "dvc_stage": inp.stage}, sort_keys=True)
+        source = json.dumps(inp.source() if hasattr(inp, "source") else {"uri": inp.path, "dvc_stage": inp.stage}, sort_keys=True)
         ds = Dataset(name=inp.name, digest=inp.digest[:36], source_type="local", source=source)
         items.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", inp.context)]))
     if not items:

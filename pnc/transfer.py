@@ -32,8 +32,12 @@ def _alias(source: str) -> str:
     return "src-" + re.sub(r"[^A-Za-z0-9_-]", "_", source)
 
 
-def find_registered(name: str, cell_id: str, digest: str) -> Any | None:
-    """The newest registered version of ``name`` trained for this cell on this data, or None."""
+TAG_TRAIN_KEY = "pnc.train_key"
+
+
+def find_registered(name: str, cell: Any, digest: str) -> Any | None:
+    """The newest registered version of ``name`` trained as this cell trains (same ``train_key``: dataset, model,
+    recipe, source) on this data, or None. Measurement, probe and target settings do not matter."""
     from . import tracking
 
     c = tracking.client()
@@ -41,8 +45,9 @@ def find_registered(name: str, cell_id: str, digest: str) -> Any | None:
         versions = tracking._retrying(lambda: c.search_model_versions(f"name='{name}'"))
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
-    hits = [v for v in versions if v.tags.get(tracking.TAG_CELL) == cell_id and v.tags.get(tracking.TAG_DATA) == digest
-            and v.status == "READY"]
+    hits = [v for v in versions if v.tags.get(tracking.TAG_DATA) == digest and v.status == "READY"
+            and (v.tags.get(TAG_TRAIN_KEY) == cell.train_key
+                 or TAG_TRAIN_KEY not in v.tags and v.tags.get(tracking.TAG_CELL) == cell.id)]  # versions before train_key
     return max(hits, key=lambda v: int(v.version)) if hits else None
 
 
@@ -122,7 +127,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
             src = data[cell.source]
             digest = data_digest(src.inputs)
             name = registered_name(spec, cell)
-            mv = None if force else find_registered(name, cell.id, digest) if main else None
+            mv = None if force else find_registered(name, cell, digest) if main else None
             reused = mv is not None
             if accelerator.num_processes > 1:  # every process takes the same branch
                 from accelerate.utils import broadcast_object_list
@@ -186,7 +191,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                 net = accelerator.unwrap_model(model)
                 if main:
                     tracking.log_metrics(run_id, {"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss})
-                    vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, tracking.TAG_DATA: digest,
+                    vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, TAG_TRAIN_KEY: cell.train_key, tracking.TAG_DATA: digest,
                              tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
                     try:
                         mv = register(net, run_id, name, vtags, cell.source)
@@ -240,7 +245,7 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                         trun = claim.run_id
                         log_params_once(trun, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
                         if claim.reused is None:
-                            tracking.log_inputs(trun, tdat.inputs)
+                            tracking.log_inputs(trun, tdat.probe_inputs())
                             _log_model_input(trun, mv)
                 if accelerator.num_processes > 1:
                     from accelerate.utils import broadcast_object_list

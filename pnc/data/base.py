@@ -81,15 +81,144 @@ class ImageSplit:
         return replace(self, name=name or self.name, labels=np.asarray(labels, dtype=np.int64))
 
     def digest(self) -> str:
-        """sha256 of the labels and the image bytes (or file paths and sizes for on-disk splits)."""
+        """sha256 of the labels and the image bytes.
+
+        In-memory splits hash the pixel array; on-disk splits (``paths``) hash every file's contents
+        (md5 per file, as DVC does, cached by :func:`file_md5s`), in order. File paths are not part of
+        the digest: the same data under another data root has the same digest.
+        """
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.labels).tobytes())
         if self.images is not None:
             h.update(str(self.images.shape).encode())
             h.update(np.ascontiguousarray(self.images).tobytes())
         else:
-            for p in self.paths:
-                p = Path(p)
-                h.update(str(p).encode())
-                h.update(str(p.stat().st_size).encode())
+            h.update(b"files:md5\0")
+            for m in file_md5s(self.paths):
+                h.update(m.encode() + b"\n")
         return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- per-file content hashes
+HASH_CACHE_ENV = "PNC_HASH_CACHE"
+_RACY_NS = 2_000_000_000  # files modified this recently are hashed but not cached (a same-tick rewrite is invisible)
+_SQL_CHUNK = 500
+
+
+def hash_cache_dir() -> Path:
+    """Folder of the per-file hash cache: ``$PNC_HASH_CACHE`` or ``.pnc/hash-cache`` in the working directory."""
+    env = os.environ.get(HASH_CACHE_ENV)
+    return Path(env).expanduser() if env else Path(".pnc") / "hash-cache"
+
+
+def _file_md5(path: str) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open_cache(folder: Path):
+    """The cache database (sqlite, WAL, shared by concurrent processes), or None where it cannot be opened."""
+    import sqlite3
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(folder / "files.sqlite", timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                    "mtime_ns INTEGER NOT NULL, md5 TEXT NOT NULL)")
+        return con
+    except (OSError, sqlite3.Error):
+        return None  # read-only or broken cache folder: hash without a cache (correct, only slower)
+
+
+def file_md5s(paths: Sequence[str | Path], *, cache: Path | None = None) -> list[str]:
+    """md5 of each file's contents, in order.
+
+    A per-file cache keyed on (absolute path, size, mtime_ns), like DVC's state database, lives in
+    ``cache`` (default :func:`hash_cache_dir`): files whose key is unchanged are not read again, so
+    re-hashing an ImageNet-sized folder costs one ``stat`` per file. Raises OSError (naming the file)
+    when a file is missing or unreadable.
+    """
+    import sqlite3
+    import time
+
+    keys = []
+    for p in paths:
+        ap = os.path.abspath(p)
+        st = os.stat(ap)
+        keys.append((ap, st.st_size, st.st_mtime_ns))
+    con = _open_cache(hash_cache_dir() if cache is None else Path(cache))
+    known: dict[str, tuple[int, int, str]] = {}
+    if con is not None:
+        try:
+            uniq = list(dict.fromkeys(k[0] for k in keys))
+            for i in range(0, len(uniq), _SQL_CHUNK):
+                part = uniq[i:i + _SQL_CHUNK]
+                rows = con.execute(f"SELECT path, size, mtime_ns, md5 FROM files WHERE path IN ({','.join('?' * len(part))})", part)
+                known.update((r[0], (r[1], r[2], r[3])) for r in rows)
+        except sqlite3.Error:
+            known = {}
+    out: list[str | None] = []
+    todo: dict[str, tuple[int, int]] = {}
+    for ap, size, mtime in keys:
+        hit = known.get(ap)
+        if hit is not None and hit[0] == size and hit[1] == mtime:
+            out.append(hit[2])
+        else:
+            out.append(None)
+            todo[ap] = (size, mtime)
+    if todo:
+        names = list(todo)
+        if len(names) > 64:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                sums = dict(zip(names, pool.map(_file_md5, names)))
+        else:
+            sums = {n: _file_md5(n) for n in names}
+        out = [o if o is not None else sums[k[0]] for o, k in zip(out, keys)]
+        if con is not None:
+            now = time.time_ns()
+            rows = []
+            for n in names:
+                size, mtime = todo[n]
+                try:
+                    st = os.stat(n)
+                except OSError:
+                    continue
+                if (st.st_size, st.st_mtime_ns) == (size, mtime) and now - mtime > _RACY_NS:  # unchanged while read
+                    rows.append((n, size, mtime, sums[n]))
+            try:
+                with con:
+                    con.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, md5) VALUES (?, ?, ?, ?)", rows)
+            except sqlite3.Error:
+                pass  # another process holds the cache too long: the hashes are still correct, only not cached
+    if con is not None:
+        con.close()
+    return out  # type: ignore[return-value]
+
+
+def dvc_tracking(folder: str | Path) -> dict | None:
+    """The ``.dvc`` file (written by ``dvc add``) that tracks ``folder`` or a folder above it, with its md5.
+
+    Returns ``{"dvc_file": path, "dvc_md5": md5}`` (md5 None when the file cannot be read), or None.
+    """
+    p = Path(folder)
+    for d in (p, *p.parents):
+        if d.name in ("", ".", ".."):
+            break
+        f = d.with_name(d.name + ".dvc")
+        if f.is_file():
+            md5 = None
+            try:
+                import yaml
+
+                outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or []
+                md5 = next((o.get("md5") for o in outs if isinstance(o, dict) and Path(str(o.get("path", ""))).name == d.name), None)
+            except Exception:  # noqa: BLE001 - a broken .dvc file: report it without its hash
+                pass
+            return {"dvc_file": f.as_posix(), "dvc_md5": md5}
+    return None

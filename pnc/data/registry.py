@@ -9,7 +9,7 @@ truth: the noise settings of the study specs (:func:`pnc.study.noise_settings`).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,14 @@ class DataInput:
     path: str  # folder or file it was read from
     digest: str
     context: str  # "training", "evaluation" or "probe"
-    stage: str | None = None  # the DVC stage that writes it, if any
+    stage: str | None = None  # the DVC stage that writes it (embed@.., derive@..), or the .dvc file tracking raw data
+    # how to find the data again: raw splits {"dataset", "domain", "split", "root", "train_fraction", "dvc_file",
+    # "dvc_md5"}; derived splits {"base"}. Part of the logged source, not of the input's identity.
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def source(self) -> dict:
+        """The MLflow dataset source: path, DVC stage, and ``meta`` (keys with a value)."""
+        return {"uri": self.path, "dvc_stage": self.stage, **{k: v for k, v in self.meta.items() if v is not None}}
 
 
 @dataclass
@@ -42,6 +49,11 @@ class CellData:
     noise_rate: float | None = None  # realised fraction of changed labels (label noise)
     manifest: dict | None = None
     inputs: list[DataInput] = field(default_factory=list)
+
+    def probe_inputs(self) -> list[DataInput]:
+        """The inputs of a transfer-target run: the train split feeds only collapse measurement and probe fitting
+        (context "probe"), the test split scores the probes ("evaluation")."""
+        return [replace(i, context="probe") if i.context == "training" else i for i in self.inputs]
 
 
 def setting_dirname(tag: str) -> str:
@@ -87,22 +99,37 @@ def _raw_splits(ds: Any, domain: str | None, train_fraction: float = 0.8, seed: 
 
 def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = 0.8) -> dict[str, tuple[ImageSplit, str, str]]:
     """{split: (ImageSplit, path, digest)} of a dataset (and domain)."""
+    return {s: (sp, path, dig) for s, (sp, path, dig, _) in _base_splits(ds, domain, train_fraction).items()}
+
+
+def _base_splits(ds: Any, domain: str | None, train_fraction: float) -> dict[str, tuple[ImageSplit, str, str, dict]]:
+    """{split: (ImageSplit, path, digest, raw)}; ``raw`` says how to reload a raw split ({} for embedded ones)."""
     from .store import split_digest
 
     if ds.info.embedded:
-        return {s: (sp, str(p), split_digest(p)) for s, (sp, p) in _embedded_splits(ds.name, domain).items()}
+        return {s: (sp, str(p), split_digest(p), {}) for s, (sp, p) in _embedded_splits(ds.name, domain).items()}
+    from .base import dvc_tracking
+    from .cifar import dataset_root
+
     splits = _raw_splits(ds, domain, train_fraction)
-    return {s: (sp, sp.source or str(ds.root or ""), sp.digest()) for s, sp in splits.items()}
+    dvc = dvc_tracking(dataset_root(ds.name, ds.root)) or {}
+    out = {}
+    for s, sp in splits.items():
+        raw = {"dataset": ds.name, "domain": domain, "split": s, "root": ds.root,
+               "train_fraction": train_fraction if ds.name == "office_home" else None, **dvc}
+        out[s] = (sp, sp.source or str(ds.root or ""), sp.digest(), raw)
+    return out
 
 
-def _stage_of(path: str) -> str | None:
+def _stage_of(path: str, raw: dict | None = None) -> str | None:
+    """The DVC stage that writes ``path``; for raw data, the ``.dvc`` file that tracks it (``dvc add``)."""
     p = Path(path)
     parts = p.parts
     if len(parts) >= 3 and parts[0] == "data" and parts[1] == "embedded":
         return f"embed@{parts[2]}"
     if len(parts) >= 3 and parts[0] == "data" and parts[1] == "derived":
         return f"derive@{parts[2]}"
-    return None
+    return (raw or {}).get("dvc_file")
 
 
 def derived_dir(study: str, tag: str, root: Path = DERIVED_ROOT) -> Path:
@@ -115,15 +142,21 @@ def _human_labels(spec: Any, train: ImageSplit) -> dict[str, np.ndarray]:
     return load_cifar_n(spec.dataset.root, dataset=spec.dataset.name, train_labels=train.labels)
 
 
-def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path, base_path: str | None = None) -> Path:
-    """Write one derived split (idempotent: an existing, intact split is kept)."""
+def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path, base_path: str | None = None,
+               base_raw: dict | None = None) -> Path:
+    """Write one derived split (idempotent: an existing, intact split is kept).
+
+    ``base_raw`` (a raw base split: dataset, domain, split, root, train_fraction, DVC file) is recorded in the
+    manifest as ``base_raw`` with the base's path and digest, so ``pnc lineage`` follows the chain down to the
+    raw data; a base in pnc's split format is linked by ``base.path`` instead.
+    """
     from .derive import derive_split
     from .store import read_manifest, write_split
 
     if (out / "manifest.json").exists():
         try:
             m = read_manifest(out)
-            if m.get("base_digest") == base_digest and m.get("seed") == spec.noise.seed:
+            if m.get("base_digest") == base_digest and m.get("seed") == spec.noise.seed and (not base_raw or "base_raw" in m):
                 return out
         except DataError:
             pass
@@ -134,6 +167,8 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
         kwargs["label_sets"] = _human_labels(spec, base_train)
     split, manifest = derive_split(base_train, transform=setting.kind, level=setting.level, seed=spec.noise.seed, **kwargs)
     manifest = dict(manifest, base_digest=base_digest, base_name=base_train.name, study=spec.name, setting=setting.tag)
+    if base_raw:
+        manifest["base_raw"] = {**{k: v for k, v in base_raw.items() if v is not None}, "path": base_path, "digest": base_digest}
     write_split(out, split, manifest)
     return out
 
@@ -144,12 +179,12 @@ def materialise_derived(spec: Any, out_root: Path = DERIVED_ROOT) -> list[Path]:
 
     if spec.kind != "noise_sweep":
         raise DataError(f"{spec.name} is a {spec.kind}; only a noise_sweep has derived splits")
-    train, path, digest = base_splits(spec.dataset, spec.dataset.domain)["train"]
+    train, path, digest, raw = _base_splits(spec.dataset, spec.dataset.domain, 0.8)["train"]
     written = []
     for ns in noise_settings(spec):
         if ns.is_clean:
             continue
-        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path))
+        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path, raw))
     return written
 
 
@@ -166,28 +201,28 @@ def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellDa
 
     dom = domain if domain is not None else (cell.source if cell.source else spec.dataset.domain)
     tf = spec.transfer.train_fraction if spec.kind == "domain_transfer" else 0.8
-    splits = base_splits(spec.dataset, dom, train_fraction=tf)
+    splits = _base_splits(spec.dataset, dom, tf)
     train_name, test_name = spec.dataset.train_split, spec.dataset.test
     for s in (train_name, test_name):
         if s not in splits:
             raise DataError(f"{spec.dataset.name} has no split {s!r}; found {', '.join(splits)}")
-    train, tpath, tdig = splits[train_name]
-    test, epath, edig = splits[test_name]
+    train, tpath, tdig, traw = splits[train_name]
+    test, epath, edig, eraw = splits[test_name]
     label = f"{spec.dataset.name}/{dom}" if dom else spec.dataset.name
     base_inputs = [
-        DataInput(f"{label}/{train_name}", tpath, tdig, "training", _stage_of(tpath)),
-        DataInput(f"{label}/{test_name}", epath, edig, "evaluation", _stage_of(epath)),
+        DataInput(f"{label}/{train_name}", tpath, tdig, "training", _stage_of(tpath, traw), traw),
+        DataInput(f"{label}/{test_name}", epath, edig, "evaluation", _stage_of(epath, eraw), eraw),
     ]
     noise = cell.noise
     if noise is None or noise.is_clean:
         return CellData(train=train, test=test, inputs=base_inputs)
     out = derived_dir(spec.name, noise.tag)
-    derive_one(spec, noise, train, tdig, out, tpath)
+    derive_one(spec, noise, train, tdig, out, tpath, traw)
     derived = read_split(out)
     manifest = read_manifest(out)
     dig = split_digest(out)
-    d_input = DataInput(f"{spec.name}/{setting_dirname(noise.tag)}", str(out), dig, "training", _stage_of(str(out)))
-    base_inputs[0] = DataInput(base_inputs[0].name, tpath, tdig, "evaluation", base_inputs[0].stage)
+    d_input = DataInput(f"{spec.name}/{setting_dirname(noise.tag)}", str(out), dig, "training", _stage_of(str(out)), {"base": tpath})
+    base_inputs[0] = replace(base_inputs[0], context="evaluation")
     clean_labels = derived.meta.get("clean_labels")
     if clean_labels is None:
         clean_labels = train.labels

@@ -156,3 +156,16 @@ def test_transfer_study_rerun_registers_no_new_model_version(tmp_path: Path) -> 
     runs1 = _runs(d, "digits_transfer")
     assert runs1.keys() == runs0.keys()
     assert {k: v for k, v in _state(runs1).items() if v[2] != "study"} == {k: v for k, v in _state(runs0).items() if v[2] != "study"}
+
+    # a probe setting changes: the targets are measured again, the source model is reused (no training)
+    probe = pnc([*sets, "--set", "probe.samples_per_class=10"], d)
+    assert probe.returncode == 0, probe.stderr
+    assert f"reusing registered model {name} v1" in probe.stderr and "trained in" not in probe.stderr, probe.stderr
+    assert [str(v.version) for v in c.search_model_versions(f"name='{name}'")] == ["1"]
+    runs2 = _runs(d, "digits_transfer")
+    new = [r for k, r in runs2.items() if k not in runs0]
+    assert [r.data.tags.get("pnc.role") for r in new] == ["transfer"], "only the (source, target) measurement is new"
+    # the training recipe changes: a new model version
+    retrain = pnc([*sets, "--set", "train.seed=1"], d)
+    assert retrain.returncode == 0, retrain.stderr
+    assert sorted(str(v.version) for v in c.search_model_versions(f"name='{name}'")) == ["1", "2"]
