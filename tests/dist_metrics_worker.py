@@ -50,6 +50,28 @@ def main(data_path: str, out_path: str) -> None:
     r = measure(extract, batches(my_tr, labels, 31), batches(my_te2, labels[:, 1:], 19), probe="logistic",
                 logistic_max_samples=int(d["cap"]), **kw)
     results["logistic_dist"] = {"metrics": r.as_dict(), "probe": r.info["probe"], "samples": r.samples}
+    # a DistributedSampler over an odd number of samples pads the shorter shard with a repeated sample; the
+    # mask (True for real samples) keeps that duplicate from counting twice
+    odd_tr, odd_te = tr[:649], te[:249]
+
+    def padded(idx, bs):
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(range(len(idx)), num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        got = np.asarray(list(sampler))  # padded by repeating the first samples
+        where = np.arange(rank, sampler.total_size, world)  # positions in the padded global order
+        mine, mask = idx[got], where < len(idx)
+        assert sampler.total_size > len(idx) and len(got) == len(where), "the sampler padded"
+        for i in range(0, len(mine), bs):
+            j = torch.as_tensor(mine[i:i + bs])
+            yield j, torch.as_tensor(labels[j.numpy()]), j, torch.as_tensor(mask[i:i + bs])
+
+    def padded_eval(idx, bs):
+        for x, y, j, m in padded(idx, bs):
+            yield x, y[:, 1:], j, m
+
+    r = measure(extract, padded(odd_tr, 17), padded_eval(odd_te, 13), accelerator=acc, **kw)
+    results["padded_masked"] = {"metrics": r.as_dict(), "probe": r.info["probe"], "samples": r.samples}
     everyone = [None] * world
     dist.all_gather_object(everyone, json.dumps(results, sort_keys=True))
     if rank == 0:

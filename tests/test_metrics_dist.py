@@ -72,9 +72,12 @@ def test_two_processes_equal_one(tmp_path):
         "logistic_dist": measure(extract, _batches(tr, labels, 64), _batches(te, labels[:, 1:], 64),
                                  probe="logistic", logistic_max_samples=300, **kw),
     }
+    single["padded_masked"] = measure(extract, _batches(tr[:649], labels, 64), _batches(te[:249], labels[:, 1:], 64), **kw)
+    sizes = {"ridge_accelerate": {"train": 650, "test": 250}, "logistic_dist": {"train": 650, "test": 250},
+             "padded_masked": {"train": 649, "test": 249}}
     for name, one in single.items():
         two = res[name]
-        assert two["samples"] == one.samples == {"train": 650, "test": 250}
+        assert two["samples"] == one.samples == sizes[name], name
         d1 = one.as_dict()
         assert set(two["metrics"]) == set(d1), name
         for key, v in d1.items():
