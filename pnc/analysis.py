@@ -1,29 +1,35 @@
 """The paper's proposed uses of progressive collapse, as deterministic analyses of per-layer curves.
 
 * :func:`detect_transition` - the "initial decline, plateau, renewed decline" shape of a CDNV curve
-  (paper sec. 4.1), by a segmented least-squares fit of log CDNV against relative depth.
+  (paper sec. 4.1), by a segmented least-squares fit of log CDNV against relative depth, with a
+  Monte Carlo p-value against transition-free fits (confidence = 1 - p).
 * :func:`efficient_depth` - the smallest depth whose curve shows the transition, next to the depth a
   validation split picks, and the test-accuracy cost of choosing the former.
 * :func:`fit_noise_map` / :func:`estimate_noise` - a calibrated map from the intermediate-layer CDNV
   profile to the noise level (sec. 4.2), evaluated by leave-one-level-out.
-* :func:`rank_correlation` - Spearman correlation with a bootstrap interval (sec. 4.3: does better
-  target collapse go with better target probe accuracy?).
+* :func:`transfer_correlation` - per relative depth, Spearman's rho across off-domain sources between
+  target collapse and target probe accuracy, per target and pooled within targets, with bootstrap
+  intervals over sources (sec. 4.3); :func:`rank_correlation` for one pair of samples.
 
-Pure numpy; no MLflow, no torch. The report and the runner feed these from MLflow.
+Numpy/scipy (pandas for the transfer table); no MLflow, no torch, every result deterministic (fixed
+seeds). The report and the runner feed these from MLflow.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 # ----------------------------------------------------------------------------- transition detection
 
-MIN_SEGMENT = 2  # points per segment
+MIN_SEGMENT = 3  # points per segment: a line through two points fits any noise exactly
 PLATEAU_RATIO = 0.35  # plateau slope must be below this fraction of the flanking slopes
 MIN_POINTS = 3 * MIN_SEGMENT
+ALPHA = 0.01  # a transition is reported when the Monte Carlo p-value is at most this
+N_SIM = 499  # simulated no-transition curves per test (p-values are multiples of 1 / (N_SIM + 1))
+SEED = 0  # seed of those simulations: every result is deterministic
 
 
 @dataclass
@@ -32,9 +38,10 @@ class Transition:
 
     ``found``: whether the decline-plateau-decline shape is present. ``start``/``end``: first and
     last layer index of the plateau (relative depths in ``start_rel``/``end_rel``). ``slopes``: the
-    three segment slopes of log CDNV per unit relative depth. ``confidence`` in [0, 1]: the weight
-    of the three-segment model against the best one- or two-segment model (BIC weights), times
-    how flat the plateau is relative to its flanks. ``reason`` says why when nothing is found.
+    three segment slopes of log CDNV per unit relative depth. ``p_value``: Monte Carlo p-value of
+    the plateau-shaped fit against the best transition-free (one- or two-piece) fit; ``confidence``
+    = 1 - ``p_value`` (0 when the best three-piece fit does not have the shape). ``reason`` says
+    why when nothing is found.
     """
 
     found: bool
@@ -45,36 +52,94 @@ class Transition:
     end_rel: float | None = None
     slopes: list[float] = field(default_factory=list)
     reason: str = ""
+    p_value: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _line_sse(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares line through (x, y): (sse, slope)."""
-    if len(x) < 2:
-        return 0.0, 0.0
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    slope = float(((x - xm) * (y - ym)).sum() / sxx) if sxx > 0 else 0.0
-    resid = y - (ym + slope * (x - xm))
-    return float((resid ** 2).sum()), slope
+def _segment_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares lines through every run of consecutive points, for each row of ``y`` (B, n).
+
+    Returns (sse, slope), each (B, n + 1, n + 1): entry [b, a, e] fits points a..e-1 of row b;
+    runs shorter than MIN_SEGMENT hold inf / nan. Prefix sums, so O(B n^2).
+    """
+    b, n = y.shape
+    cum = lambda v: np.concatenate([np.zeros(v.shape[:-1] + (1,)), np.cumsum(v, axis=-1)], axis=-1)  # noqa: E731
+    X1, X2 = cum(x), cum(x * x)
+    Y1, Y2, XY = cum(y), cum(y * y), cum(x * y)
+    a, e = np.triu_indices(n + 1, MIN_SEGMENT)
+    m = (e - a).astype(np.float64)
+    sx = X1[e] - X1[a]
+    cxx = (X2[e] - X2[a]) - sx * sx / m
+    sy = Y1[:, e] - Y1[:, a]
+    cxy = (XY[:, e] - XY[:, a]) - sx * sy / m
+    cyy = (Y2[:, e] - Y2[:, a]) - sy * sy / m
+    sse = np.full((b, n + 1, n + 1), np.inf)
+    slope = np.full((b, n + 1, n + 1), np.nan)
+    sse[:, a, e] = np.maximum(cyy - cxy * cxy / cxx, 0.0)
+    slope[:, a, e] = cxy / cxx
+    return sse, slope
 
 
-def _bic(sse: float, n: int, k: int) -> float:
-    return n * math.log(max(sse, 1e-12) / n) + k * math.log(n)
+def _three_piece(x: np.ndarray, y: np.ndarray, floor: float, plateau_ratio: float) -> dict:
+    """Best one-, two- and three-piece fits of each row of ``y``; the shape test and its statistic."""
+    n = y.shape[1]
+    sse, slope = _segment_fits(x, y)
+    sse1 = sse[:, 0, n]
+    cut2 = np.arange(MIN_SEGMENT, n - MIN_SEGMENT + 1)
+    s2 = sse[:, 0, cut2] + sse[:, cut2, n]
+    k2 = np.argmax(s2 <= s2.min(axis=1, keepdims=True) + floor, axis=1)  # ties (within rounding): the earliest
+    i3, j3 = np.array([(i, j) for i in range(MIN_SEGMENT, n - 2 * MIN_SEGMENT + 1)
+                       for j in range(i + MIN_SEGMENT, n - MIN_SEGMENT + 1)]).T
+    s3 = sse[:, 0, i3] + sse[:, i3, j3] + sse[:, j3, n]
+    k3 = np.argmax(s3 <= s3.min(axis=1, keepdims=True) + floor, axis=1)  # ties (within rounding): the earliest split
+    rows = np.arange(y.shape[0])
+    i, j = i3[k3], j3[k3]
+    slopes = np.stack([slope[rows, 0, i], slope[rows, i, j], slope[rows, j, n]], axis=1)
+    flank = np.minimum(np.abs(slopes[:, 0]), np.abs(slopes[:, 2]))
+    declines = (slopes[:, 0] < 0) & (slopes[:, 2] < 0)
+    flat = np.abs(slopes[:, 1]) < plateau_ratio * flank
+    best2 = s2[rows, k2]
+    simpler = np.minimum(sse1, best2)
+    stat = np.log(np.maximum(simpler, floor)) - np.log(np.maximum(s3[rows, k3], floor))
+    return dict(sse1=sse1, sse2=best2, cut2=cut2[k2], split=(i, j), slopes=slopes, declines=declines, flat=flat,
+                stat=np.where(declines & flat, stat, -np.inf))
 
 
-def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_RATIO) -> Transition:
+def _null_fit(x: np.ndarray, y: np.ndarray, fit: dict, floor: float) -> tuple[np.ndarray, float]:
+    """The best transition-free fit (one line, or two by BIC) and its residual standard deviation."""
+    n = len(y)
+
+    def line(xs, ys):
+        return np.polyval(np.polyfit(xs, ys, 1), xs)
+
+    bic1 = n * math.log(max(float(fit["sse1"][0]), floor) / n) + 2 * math.log(n)
+    bic2 = n * math.log(max(float(fit["sse2"][0]), floor) / n) + 5 * math.log(n)
+    if bic1 <= bic2:
+        return line(x, y), math.sqrt(float(fit["sse1"][0]) / (n - 2))
+    c = int(fit["cut2"][0])
+    return np.concatenate([line(x[:c], y[:c]), line(x[c:], y[c:])]), math.sqrt(float(fit["sse2"][0]) / (n - 5))
+
+
+def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_RATIO, alpha: float = ALPHA,
+                      n_sim: int = N_SIM, seed: int = SEED) -> Transition:
     """Find the initial decline, the plateau and the final decline of a per-layer CDNV curve.
 
-    Method (deterministic): y = log CDNV against x = relative depth in [0, 1]. Fit every split of
-    the layers into three contiguous segments of at least two points with an independent least-
-    squares line each, and keep the split with the smallest squared error. A transition is
-    reported when (1) both outer segments decline (slope < 0), (2) the middle segment is flat:
-    its slope's magnitude is below ``plateau_ratio`` times the smaller of the outer slopes'
-    magnitudes, and (3) the three-segment model beats the one- and two-segment models by BIC.
-    Confidence = BIC weight of the three-segment model x (1 - |middle slope| / min outer |slope|).
+    Method (deterministic): y = log CDNV against x = relative depth in [0, 1]. Fit every split of the
+    layers into three contiguous segments of at least MIN_SEGMENT (3) points with an independent
+    least-squares line each, and keep the split with the smallest squared error (ties within 1e-12 of
+    the total sum of squares: the earliest). Fewer than 9 layers: "too few layers", no transition.
+    The fit has the transition *shape* when both outer segments decline (slope < 0) and the middle
+    one is flat (|slope| below ``plateau_ratio`` x the smaller outer |slope|). Its *evidence* is
+    T = log(SSE of the best one- or two-piece fit) - log(SSE of the three-piece fit), -inf without
+    the shape. A parametric bootstrap gives its p-value: ``n_sim`` curves are simulated from the best
+    transition-free fit (one line, or two lines when BIC prefers them) plus Gaussian noise of that
+    fit's residual standard deviation (seeded by ``seed``), each is put through the same fit, and
+    p = (1 + #{simulated T >= observed T}) / (n_sim + 1). A transition is reported when the shape
+    holds and p <= ``alpha``; confidence = 1 - p (0 without the shape). So on curves without a
+    transition P(confidence >= c) is about 1 - c or less, and about ``alpha`` or fewer of them are
+    reported (tests/test_analysis.py checks both on seeded noisy curves).
     A final value equal to its predecessor (the pooled penultimate tap repeating the last block) is
     dropped first; indices refer to the curve as given.
     """
@@ -83,37 +148,32 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
     # exactly; a repeated final value is one layer, not a plateau.
     while len(y_raw) > 1 and np.isfinite(y_raw[-1]) and abs(y_raw[-1] - y_raw[-2]) <= 1e-9 * abs(y_raw[-2]):
         y_raw = y_raw[:-1]
-    if len(y_raw) < MIN_POINTS:
-        return Transition(False, 0.0, reason=f"too few layers ({len(y_raw)} < {MIN_POINTS})")
     if not np.all(np.isfinite(y_raw)) or np.any(y_raw <= 0):
         return Transition(False, 0.0, reason="curve has non-positive or non-finite values")
+    if len(y_raw) < MIN_POINTS:
+        return Transition(False, 0.0, reason=f"too few layers ({len(y_raw)} < {MIN_POINTS}: three segments of {MIN_SEGMENT})")
     y = np.log(y_raw)
+    y = y - y.mean()  # rescaling CDNV shifts y: centring makes the fit see the same numbers (and the prefix sums small)
     n = len(y)
     x = np.linspace(0.0, 1.0, n)
-    sse1, _ = _line_sse(x, y)
-    best2 = min(_line_sse(x[:i], y[:i])[0] + _line_sse(x[i:], y[i:])[0] for i in range(MIN_SEGMENT, n - MIN_SEGMENT + 1))
-    best3, split = math.inf, None
-    for i in range(MIN_SEGMENT, n - 2 * MIN_SEGMENT + 1):
-        for j in range(i + MIN_SEGMENT, n - MIN_SEGMENT + 1):
-            sse = _line_sse(x[:i], y[:i])[0] + _line_sse(x[i:j], y[i:j])[0] + _line_sse(x[j:], y[j:])[0]
-            if sse < best3 - 1e-15:
-                best3, split = sse, (i, j)
-    i, j = split
-    slopes = [_line_sse(x[:i], y[:i])[1], _line_sse(x[i:j], y[i:j])[1], _line_sse(x[j:], y[j:])[1]]
-    # BIC: 2 params per segment + breakpoints
-    bics = np.array([_bic(sse1, n, 2), _bic(best2, n, 5), _bic(best3, n, 8)])
-    w = np.exp(-(bics - bics.min()) / 2)
-    w3 = float(w[2] / w.sum())
-    out = dict(start=i, end=j - 1, start_rel=float(x[i]), end_rel=float(x[j - 1]), slopes=[float(s) for s in slopes])
-    if not (slopes[0] < 0 and slopes[2] < 0):
-        return Transition(False, 0.0, reason="the curve does not decline both before and after the middle segment", **out)
-    flank = min(abs(slopes[0]), abs(slopes[2]))
-    flatness = 1.0 - abs(slopes[1]) / flank
-    if abs(slopes[1]) >= plateau_ratio * flank:
-        return Transition(False, 0.0, reason="no plateau: the middle segment declines nearly as fast as its flanks", **out)
-    if bics[2] > bics[:2].min():
-        return Transition(False, round(w3 * flatness, 4), reason="a plateau-shaped fit does not beat a single or two-piece line (BIC)", **out)
-    return Transition(True, round(w3 * flatness, 4), **out)
+    floor = 1e-12 * max(float((y * y).sum()), 1e-300)  # squared errors below this are rounding
+    obs = _three_piece(x, y[None, :], floor, plateau_ratio)
+    i, j = (int(v[0]) for v in obs["split"])
+    slopes = [float(s) for s in obs["slopes"][0]]
+    out = dict(start=i, end=j - 1, start_rel=float(x[i]), end_rel=float(x[j - 1]), slopes=slopes)
+    if not obs["declines"][0]:
+        return Transition(False, 0.0, reason="the curve does not decline both before and after the middle segment", p_value=1.0, **out)
+    if not obs["flat"][0]:
+        return Transition(False, 0.0, reason="no plateau: the middle segment declines nearly as fast as its flanks", p_value=1.0, **out)
+    fitted, sigma = _null_fit(x, y, obs, floor)
+    sims = fitted[None, :] + sigma * np.random.default_rng(seed).standard_normal((n_sim, n))
+    t_sim = _three_piece(x, sims, floor, plateau_ratio)["stat"]
+    p = float((1 + np.count_nonzero(t_sim >= obs["stat"][0])) / (n_sim + 1))
+    conf = round(1.0 - p, 4)
+    if p > alpha:
+        return Transition(False, conf, reason=f"a plateau-shaped fit is not significantly better than a transition-free one "
+                                              f"(Monte Carlo p = {p:.3g} > {alpha:g})", p_value=p, **out)
+    return Transition(True, conf, p_value=p, **out)
 
 
 # ----------------------------------------------------------------------------- efficient depth
@@ -169,7 +229,11 @@ def intermediate_profile(cdnv: Sequence[float], window: tuple[float, float] = IN
 
 @dataclass
 class NoiseMap:
-    """Linear map noise level = a + b * mean intermediate log CDNV, fitted per (model, noise kind)."""
+    """Linear map noise level = a + b * mean intermediate log CDNV, fitted per (model, noise kind).
+
+    ``levels``: one per calibration cell (for label noise, the realised fraction of changed labels);
+    ``settings``: those cells' noise tags; ``level_source``: "realized" or "nominal" per cell.
+    """
 
     model: str
     kind: str
@@ -178,6 +242,8 @@ class NoiseMap:
     levels: list[float]
     profiles: list[float]
     loo_abs_errors: list[float]
+    settings: list[str] = field(default_factory=list)
+    level_source: list[str] = field(default_factory=list)
 
     @property
     def loo_mae(self) -> float:
@@ -218,26 +284,32 @@ def estimate_noise(noise_map: NoiseMap, cdnv: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- rank correlation
+MIN_CORR_POINTS = 3  # fewer points give rho = +-1 by construction: reported as "too few sources"
+N_BOOT = 2000
+CI_LEVEL = 0.9
+
+
 def _ranks(v: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
-    return rankdata(v)
+    return rankdata(v, axis=-1)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho (Pearson correlation of average ranks); NaN below MIN_CORR_POINTS points or for a constant input."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    if len(a) < MIN_CORR_POINTS or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
     ra, rb = _ranks(a), _ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def rank_correlation(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.9) -> tuple[float, float, float]:
+def rank_correlation(a: Sequence[float], b: Sequence[float], *, n_boot: int = N_BOOT, seed: int = SEED,
+                     level: float = CI_LEVEL) -> tuple[float, float, float]:
     """Spearman rho of (a, b) and a percentile bootstrap interval over resampled pairs (seeded)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     rho = spearman(a, b)
-    if len(a) < 3 or math.isnan(rho):
+    if math.isnan(rho):
         return rho, math.nan, math.nan
     rng = np.random.default_rng(seed)
     boots = []
@@ -252,19 +324,169 @@ def rank_correlation(a: Sequence[float], b: Sequence[float], *, n_boot: int = 20
     return rho, float(lo), float(hi)
 
 
-def transfer_correlations(spec) -> dict:
-    """Per layer, Spearman rho across (source, target) pairs of -CDNV(target) vs target probe accuracy."""
+# ----------------------------------------------------------------------------- transfer prediction
+def depth_grid(n_layers: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Common relative-depth grid for curves of different lengths, and each curve's layer at each grid point.
+
+    The grid has as many points as the shortest curve (relative depths g / (G - 1)); a curve of n layers
+    contributes its layer round(r (n - 1)) (halves up) at relative depth r. Equal lengths: the identity.
+    """
+    g = min(n_layers)
+    rel = np.linspace(0.0, 1.0, g) if g > 1 else np.zeros(1)
+    return rel, [np.floor(rel * (n - 1) + 0.5).astype(int) for n in n_layers]
+
+
+def _rank_terms(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Spearman terms of weighted samples, vectorised over weightings.
+
+    x, y: (G, m) values of m points at G grid points; w: (B, m) multiplicities (a bootstrap draw
+    repeats a point w times; w = 1: the data). Average ranks within each weighted sample, centred:
+    returns sums over the sample of rx*ry, rx^2, ry^2, each (B, G), and the sample sizes (B,).
+    """
+    n = w.sum(1).astype(np.float64)
+    out = []
+    for v in (x, y):
+        less = (v[:, None, :] < v[:, :, None]).astype(np.float64)  # [g, i, j]: v_j < v_i
+        same = (v[:, None, :] == v[:, :, None]).astype(np.float64)
+        r = np.einsum("gij,bj->bgi", less, w) + (np.einsum("gij,bj->bgi", same, w) + 1) / 2
+        out.append(r - (n[:, None, None] + 1) / 2)
+    rx, ry = out
+    return (np.einsum("bi,bgi->bg", w, rx * ry), np.einsum("bi,bgi->bg", w, rx * rx),
+            np.einsum("bi,bgi->bg", w, ry * ry), n)
+
+
+def _rho(num: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    den = np.sqrt(dx * dy)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-12, num / np.where(den > 1e-12, den, 1.0), np.nan)
+
+
+@dataclass
+class TransferCorrelation:
+    """Per relative depth: Spearman's rho between target collapse (-CDNV) and target probe accuracy.
+
+    ``per_target[t]``: one row per grid point with rho across the off-domain (source, model) pairs
+    measured on target t, its bootstrap interval (sources resampled), the number of points ``n``
+    and a ``note`` when there is no rho. ``pooled``: the same after ranking within each target
+    (centred ranks of every target with at least two points, pooled; weighted Spearman), the
+    interval from resampling sources jointly for all targets. ``layers[model]``: the layer index
+    used at each grid point.
+    """
+
+    rel_depth: list[float]
+    layers: dict[str, list[int]]
+    pooled: list[dict]
+    per_target: dict[str, list[dict]]
+    level: float = CI_LEVEL
+    n_boot: int = N_BOOT
+    seed: int = SEED
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def curves(self) -> dict[str, list[float]]:
+        """MLflow per-step curves (step = grid point): pooled and per-target rho, interval and n."""
+        import re
+
+        out: dict[str, list[float]] = {}
+        for name, rows in [("", self.pooled)] + [("/" + re.sub(r"[^A-Za-z0-9_. -]", "_", t), r) for t, r in self.per_target.items()]:
+            for key, col in (("transfer/spearman", "rho"), ("transfer/spearman_lo", "lo"), ("transfer/spearman_hi", "hi"),
+                             ("transfer/n", "n")):
+                out[key + name] = [float(r[col]) for r in rows]
+        return out
+
+
+def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = CI_LEVEL) -> TransferCorrelation:
+    """Rank correlation across sources between target collapse and target probe accuracy (paper sec. 4.3).
+
+    ``points``: a DataFrame with columns model, source, target, layer, cdnv, probe_acc (one row per
+    measured layer of each (model, source, target) run). In-domain pairs (source == target) are
+    excluded: they are not transfer and would dominate any correlation. Curves are aligned on
+    relative depth (:func:`depth_grid`). Per target and grid point: Spearman's rho of -CDNV vs probe
+    accuracy across the (source, model) pairs, NaN with note "n=K: too few sources" below
+    MIN_CORR_POINTS; percentile interval from ``n_boot`` resamples of that target's sources.
+    Pooled: ranks are taken within each target (so targets' scales never mix), centred, and pooled
+    over the targets with at least two points; rho = sum rx ry / sqrt(sum rx^2 sum ry^2); its
+    interval resamples the study's sources jointly for all targets. One fixed ``seed``.
+    """
+    d = points.dropna(subset=["cdnv", "probe_acc"])
+    d = d[d.source != d.target]
+    curves = sorted({(str(m), str(s), str(t)) for m, s, t in zip(d.model, d.source, d.target)})
+    if not curves:
+        return TransferCorrelation([], {}, [], {}, level, n_boot, seed)
+    by_curve = {k: g.sort_values("layer") for k, g in d.groupby(["model", "source", "target"])}
+    lengths = [int(by_curve[c].layer.max()) + 1 for c in curves]
+    rel, idx = depth_grid(lengths)
+    layers: dict[str, list[int]] = {}
+    xs, ys = [], []
+    for c, ix in zip(curves, idx):
+        g = by_curve[c].set_index("layer").reindex(range(int(by_curve[c].layer.max()) + 1))
+        xs.append(-g.cdnv.to_numpy()[ix])
+        ys.append(g.probe_acc.to_numpy()[ix])
+        layers.setdefault(c[0], ix.tolist())
+    X, Y = np.array(xs).T, np.array(ys).T  # (G, curves)
+    ok = np.isfinite(X).all(0) & np.isfinite(Y).all(0)  # a curve missing a grid layer is left out
+    src = np.array([c[1] for c in curves])
+    tgt = np.array([c[2] for c in curves])
+    targets = sorted(set(tgt[ok]))
+    sources = sorted(set(src[ok]))
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    G = len(rel)
+
+    def terms(t: str, counts: np.ndarray, srcs: list[str]) -> tuple:
+        """Rank terms of target t's points, each repeated as often as its source was drawn (counts: (B, len(srcs)))."""
+        cols = np.flatnonzero((tgt == t) & ok)
+        pos = {s: k for k, s in enumerate(srcs)}
+        w = np.stack([counts[:, pos[s]] if s in pos else np.zeros(len(counts)) for s in src[cols]], axis=1)
+        return _rank_terms(X[:, cols], Y[:, cols], w)
+
+    def draws(rng_key: list[int], srcs: list[str]) -> np.ndarray:
+        """(1 + n_boot, len(srcs)) source multiplicities: the data itself, then n_boot resamples of the sources."""
+        k = len(srcs)
+        idx = np.random.default_rng(rng_key).integers(0, k, (n_boot, k))
+        boot = np.stack([np.bincount(r, minlength=k) for r in idx]) if n_boot else np.zeros((0, k), int)
+        return np.vstack([np.ones((1, k), int), boot])
+
+    def rows(rho: np.ndarray, n: np.ndarray, extra: dict) -> list[dict]:
+        """rho: (1 + n_boot, G), n: (1 + n_boot,); row 0 is the data."""
+        out = []
+        n0 = int(n[0])
+        for g in range(G):
+            r = float(rho[0, g]) if n0 >= MIN_CORR_POINTS else math.nan
+            b = rho[1:, g][(n[1:] >= MIN_CORR_POINTS) & np.isfinite(rho[1:, g])]
+            lo, hi = (float(v) for v in np.quantile(b, q)) if (len(b) and r == r) else (math.nan, math.nan)
+            why = f"n={n0}: too few sources" if n0 < MIN_CORR_POINTS else ("" if r == r else "constant values")
+            out.append({"step": g, "rel_depth": float(rel[g]), "n": n0, **extra, "rho": r, "lo": lo, "hi": hi, "note": why})
+        return out
+
+    per_target: dict[str, list[dict]] = {}
+    for ti, t in enumerate(targets):
+        srcs = sorted(set(src[(tgt == t) & ok]))
+        num, dx, dy, n = terms(t, draws([seed, ti + 1], srcs), srcs)
+        per_target[t] = rows(_rho(num, dx, dy), n, {"sources": len(srcs)})
+
+    counts = draws([seed, 0], sources)  # one draw of sources serves every target: their errors are shared
+    num, dx, dy = (np.zeros((len(counts), G)) for _ in range(3))
+    n, k = np.zeros(len(counts)), 0
+    for t in targets:
+        a, b, c, m = terms(t, counts, sources)
+        use = m >= 2  # a target contributes once it has two points to rank
+        num, dx, dy, n = num + a * use[:, None], dx + b * use[:, None], dy + c * use[:, None], n + m * use
+        k += int(use[0])
+    pooled = rows(_rho(num, dx, dy), n, {"targets": k})
+    return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed)
+
+
+def transfer_correlations(spec: Any) -> TransferCorrelation:
+    """:func:`transfer_correlation` of a domain_transfer study's finished target runs in MLflow."""
     from .report import layer_frame
 
     df = layer_frame(spec.experiment, ["cdnv/target", "probe_acc/target_test"], role="transfer")
     if df.empty:
-        return {}
-    piv = df.pivot_table(index=["source", "target", "model", "layer"], columns="metric", values="value").reset_index()
-    out: dict[str, list] = {"transfer/spearman": [], "transfer/spearman_lo": [], "transfer/spearman_hi": []}
-    for layer in sorted(piv.layer.unique()):
-        d = piv[piv.layer == layer].dropna()
-        rho, lo, hi = rank_correlation(-d["cdnv/target"].to_numpy(), d["probe_acc/target_test"].to_numpy())
-        out["transfer/spearman"].append(rho)
-        out["transfer/spearman_lo"].append(lo)
-        out["transfer/spearman_hi"].append(hi)
-    return out
+        return TransferCorrelation([], {}, [], {})
+    piv = df.pivot_table(index=["model", "source", "target", "layer"], columns="metric", values="value").reset_index()
+    piv = piv.rename(columns={"cdnv/target": "cdnv", "probe_acc/target_test": "probe_acc"})
+    for col in ("cdnv", "probe_acc"):
+        if col not in piv:
+            piv[col] = math.nan
+    return transfer_correlation(piv)

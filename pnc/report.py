@@ -203,10 +203,18 @@ def _render_noise(spec: Any, folder: Path) -> list[tuple[str, str]]:
         sections.append(("Memorization layers and final accuracies per cell", _table(runs[cols].sort_values(cols[:2]))))
     maps = study_summary(spec)["details"].get("noise_maps")
     if maps:
+        def levels(v: dict) -> str:
+            names = v.get("settings") or [""] * len(v["levels"])
+            srcs = v.get("level_source") or [""] * len(v["levels"])
+            return ", ".join(f"{n}: {x:.4g}" + (" (nominal)" if s == "nominal" and n != "clean" and v["kind"] in LABEL_NOISE_KINDS else "")
+                             for n, x, s in zip(names, v["levels"], srcs))
+
         t = pd.DataFrame([{"model / kind": k, "slope": v["slope"], "intercept": v["intercept"],
-                           "leave-one-level-out MAE": v["loo_mae"], "levels": ", ".join(f"{x:g}" for x in v["levels"])}
-                          for k, v in maps.items()])
-        sections.append(("Noise-level estimation from the intermediate-layer CDNV profile", _table(t)))
+                           "leave-one-level-out MAE": v["loo_mae"], "cells: level": levels(v)} for k, v in maps.items()])
+        sections.append(("Noise-level estimation from the intermediate-layer CDNV profile",
+                          "<p>Label noise is measured by each cell's realised fraction of changed training labels "
+                          "(<code>noise/realized_rate</code>; human label sets included), input corruption by its severity. "
+                          "The error is leave-one-level-out, in the same units.</p>" + _table(t)))
     return sections
 
 
@@ -318,35 +326,75 @@ def study_summary(spec: Any) -> dict:
         df = layer_frame(spec.experiment, ["cdnv/train_noisy"])
         if df.empty:
             return {"metrics": metrics, "tags": tags, "details": details}
-        maps = {}
-        for model, dm in df.groupby("model"):
-            for kind in [k for k in dm.noise_kind.unique() if k != "clean"]:
-                sub = dm[(dm.noise_kind == kind) | (dm.noise == "clean")]
-                levels, curves = [], []
-                for noise, dn in sub.groupby("noise"):
-                    lv = 0.0 if noise == "clean" else dn.noise_level.iloc[0]
-                    try:
-                        levels.append(float(lv))
-                    except ValueError:  # human label sets: use the realised noise rate instead
-                        levels = []
-                        break
-                    curves.append(dn.sort_values("layer").value.tolist())
-                if len(levels) < 2:
-                    continue
-                m = analysis.fit_noise_map(model, kind, levels, curves)
-                maps[f"{model}/{kind}"] = m.as_dict()
-                if m.loo_abs_errors:
-                    metrics[f"noise_map/{model}/{kind}/loo_mae"] = m.loo_mae
-                metrics[f"noise_map/{model}/{kind}/slope"] = m.slope
+        maps, skipped = noise_maps(df, run_frame(spec.experiment))
+        for name, m in maps.items():
+            model, kind = m["model"], m["kind"]
+            if m["loo_abs_errors"]:
+                metrics[f"noise_map/{model}/{kind}/loo_mae"] = m["loo_mae"]
+            metrics[f"noise_map/{model}/{kind}/slope"] = m["slope"]
         details["noise_maps"] = maps
+        if skipped:
+            details["noise_map_skipped"] = skipped
     elif spec.kind == "domain_transfer":
         corr = analysis.transfer_correlations(spec)
-        details["transfer_correlation"] = corr
-        rho = [r for r in corr.get("transfer/spearman", []) if r == r]
+        details["transfer_correlation"] = corr.curves()  # per-step curves, logged to the parent run
+        details["transfer"] = corr.as_dict()
+        rho = [r["rho"] for r in corr.pooled if r["rho"] == r["rho"]]
         if rho:
-            metrics["transfer/spearman_final_layer"] = corr["transfer/spearman"][-1]
             metrics["transfer/spearman_mean"] = sum(rho) / len(rho)
+        if corr.pooled:
+            last = corr.pooled[-1]
+            if last["rho"] == last["rho"]:
+                metrics["transfer/spearman_final_layer"] = last["rho"]
+                tags["pnc.transfer_correlation"] = (f"final layer: rho {last['rho']:.2f} ({corr.level:.0%} CI {last['lo']:.2f}"
+                                                    f"..{last['hi']:.2f}; n={last['n']} off-domain pairs, {last['targets']} targets)")
+            else:
+                tags["pnc.transfer_correlation"] = f"final layer: no rho ({last['note']})"
     return {"metrics": {k: float(v) for k, v in metrics.items() if v is not None}, "tags": tags, "details": details}
+
+
+LABEL_NOISE_KINDS = ("symmetric", "class_dependent", "human")
+
+
+def noise_maps(df: pd.DataFrame, runs: pd.DataFrame) -> tuple[dict, list[str]]:
+    """Noise-level maps per (model, noise kind) from a noise sweep's ``cdnv/train_noisy`` curves.
+
+    The level of a label-noise cell (symmetric, class-dependent, human label sets) is the fraction of
+    its training labels that differ from the clean ones, as logged (``noise/realized_rate``); the
+    nominal rate is the fallback when that metric is missing (a cell of a human label set without it is
+    skipped). Input corruptions use their severity; the clean cell is level 0 of every kind.
+    Returns ({"model/kind": NoiseMap.as_dict()}, reasons for cells left out).
+    """
+    from . import analysis
+
+    realized: dict[str, float] = {}
+    if not runs.empty and "noise/realized_rate" in runs:
+        realized = {r: float(v) for r, v in zip(runs.run_id, runs["noise/realized_rate"]) if v == v}
+    maps: dict[str, dict] = {}
+    skipped: list[str] = []
+    for model, dm in df.groupby("model"):
+        for kind in sorted(k for k in dm.noise_kind.unique() if k != "clean"):
+            label_noise = kind in LABEL_NOISE_KINDS
+            cells = []
+            for noise, dn in dm[(dm.noise_kind == kind) | (dm.noise == "clean")].groupby("noise"):
+                run_id, nominal = dn.run_id.iloc[0], "0" if noise == "clean" else str(dn.noise_level.iloc[0])
+                if label_noise and run_id in realized:
+                    level, source = realized[run_id], "realized"
+                else:
+                    try:
+                        level, source = float(nominal), "nominal"
+                    except ValueError:
+                        skipped.append(f"{model} {noise}: no noise/realized_rate logged and no numeric nominal level")
+                        continue
+                cells.append((level, str(noise), source, dn.sort_values("layer").value.tolist()))
+            if len(cells) < 2:
+                continue
+            cells.sort(key=lambda c: (c[0], c[1]))
+            m = analysis.fit_noise_map(model, kind, [c[0] for c in cells], [c[3] for c in cells])
+            m.settings = [c[1] for c in cells]
+            m.level_source = [c[2] for c in cells]
+            maps[f"{model}/{kind}"] = m.as_dict()
+    return maps, skipped
 
 
 # ----------------------------------------------------------------------------- cross-study comparison

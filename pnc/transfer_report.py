@@ -1,7 +1,9 @@
 """The domain-transfer report (paper Figure 3): curves per target, source x target heatmaps, and the
-per-layer rank correlation across sources between target collapse and target probe accuracy."""
+per-relative-depth rank correlation across sources between target collapse and target probe accuracy
+(:func:`pnc.analysis.transfer_correlation`, the same numbers the parent run logs)."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,7 @@ from .errors import PncError
 def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
     import altair as alt
 
-    from .analysis import rank_correlation
-    from .report import TRANSFER_KEYS, _figure, _save, _table, _where, layer_frame
+    from .report import TRANSFER_KEYS, _figure, _save, _table, _where, layer_frame, study_summary
 
     df = layer_frame(spec.experiment, [k for k, _, _ in TRANSFER_KEYS], role="transfer")
     if df.empty:
@@ -51,25 +52,35 @@ def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
     _save(alt.hconcat(*heat), folder, "heatmap")
     sections.append(("Source x target probe accuracy", _figure("heatmap")))
 
-    piv = df.pivot_table(index=["model", "source", "target", "layer"], columns="metric", values="value").reset_index()
-    corr_rows = []
-    for layer in sorted(piv.layer.unique()):
-        d = piv[piv.layer == layer].dropna(subset=["cdnv/target", "probe_acc/target_test"])
-        rho, lo, hi = rank_correlation(-d["cdnv/target"].to_numpy(), d["probe_acc/target_test"].to_numpy(), seed=spec.train.seed)
-        per_target = []
-        for t in spec.transfer.targets:
-            dt = d[d.target == t]
-            r, _, _ = rank_correlation(-dt["cdnv/target"].to_numpy(), dt["probe_acc/target_test"].to_numpy(), n_boot=1)
-            per_target.append(r)
-        corr_rows.append({"layer": int(layer), "spearman (all pairs)": rho, "90% CI low": lo, "90% CI high": hi,
-                          "pairs": len(d), **{f"rho within target {t}": r for t, r in zip(spec.transfer.targets, per_target)}})
-    corr = pd.DataFrame(corr_rows)
-    ch = alt.Chart(corr).encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1, format="d")))
-    band = ch.mark_area(opacity=0.25).encode(y=alt.Y("90% CI low:Q", title="Spearman rho (-CDNV vs probe acc)",
-                                                         scale=alt.Scale(domain=[-1, 1])), y2="90% CI high:Q")
-    line = ch.mark_line(point=True).encode(y="spearman (all pairs):Q")
+    # The correlation is computed once, by the same function and seed as the parent-run metrics.
+    corr = study_summary(spec)["details"].get("transfer") or {}
+    long = pd.DataFrame([{"target": "pooled (ranks within target)", **r} for r in corr.get("pooled", [])]
+                        + [{"target": t, **r} for t, rs in (corr.get("per_target") or {}).items() for r in rs])
+    if long.empty:
+        sections.append(("Rank correlation across sources", "<p>No off-domain (source != target) pairs: nothing to correlate.</p>"))
+        return sections
+    for model, ix in (corr.get("layers") or {}).items():
+        long[f"layer ({model})"] = long.step.map(dict(enumerate(ix)))
+    cols = ["target", "step", "rel_depth", *[c for c in long if c.startswith("layer (")], "n", "rho", "lo", "hi", "note"]
+    long = long[cols].rename(columns={"rel_depth": "relative depth", "lo": f"{corr['level']:.0%} CI low",
+                                      "hi": f"{corr['level']:.0%} CI high"})
+    lo, hi = f"{corr['level']:.0%} CI low", f"{corr['level']:.0%} CI high"
+    plot = long[long.rho.notna()]
+    ch = alt.Chart(plot).encode(x=alt.X("relative depth:Q", scale=alt.Scale(domain=[0, 1])),
+                                color=alt.Color("target:N", title="target"))
+    band = ch.transform_filter(alt.datum.target == "pooled (ranks within target)").mark_area(opacity=0.2).encode(
+        y=alt.Y(f"{lo}:Q", title="Spearman rho (-CDNV vs probe acc)", scale=alt.Scale(domain=[-1, 1])), y2=f"{hi}:Q")
+    line = ch.mark_line(point=True).encode(y="rho:Q", strokeDash=alt.condition(
+        alt.datum.target == "pooled (ranks within target)", alt.value([1, 0]), alt.value([4, 3])),
+        tooltip=["target", "step", "n", alt.Tooltip("rho:Q", format=".3f")])
     _save((band + line).properties(width=420, height=180, title="Does better target collapse go with better probes?"), folder, "correlation")
-    sections.append(("Rank correlation across (source, target) pairs, per layer, with a bootstrap interval",
-                     _figure("correlation") + _table(corr)))
-    (folder / "correlation.csv").write_text(corr.to_csv(index=False))
+    notes = sorted({f"{r['target']}: {r['note']}" for _, r in long.iterrows() if r["note"]})
+    text = ("<p>Per target: Spearman's rho across the off-domain (source, model) pairs measured on it (in-domain pairs "
+            "left out), per relative depth, with a percentile bootstrap interval over resampled sources "
+            f"({corr['n_boot']} resamples, seed {corr['seed']}). Pooled: ranks taken within each target, then pooled "
+            "(targets' scales never mix); its interval resamples sources jointly for all targets. No rho below "
+            "3 points.</p>" + (f"<p>{'; '.join(html.escape(n) for n in notes)}</p>" if notes else ""))
+    sections.append(("Rank correlation across sources, per relative depth, with a bootstrap interval",
+                     _figure("correlation") + text + _table(long)))
+    (folder / "correlation.csv").write_text(long.to_csv(index=False))
     return sections

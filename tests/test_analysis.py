@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pnc.analysis import (detect_transition, efficient_depth, estimate_noise, fit_noise_map, intermediate_profile,
-                          rank_correlation, spearman)
+                          rank_correlation, spearman, transfer_correlation)
 
 
 def piecewise(n: int, b1: float, b2: float, s1: float, s2: float, s3: float, noise: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -48,13 +50,61 @@ def test_short_or_invalid_curves() -> None:
     assert "non-positive" in detect_transition([1.0, 0.5, 0.0, 0.2, 0.1, 0.05, 0.01]).reason
 
 
-@settings(max_examples=40, deadline=None)
-@given(scale=st.floats(1e-6, 1e6), seed=st.integers(0, 1000))
-def test_detection_is_scale_invariant_and_deterministic(scale: float, seed: int) -> None:
-    c = piecewise(20, 0.3, 0.7, -5.0, -0.2, -7.0, noise=0.05, seed=seed)
-    a, b = detect_transition(c), detect_transition(c * scale)
-    assert a.found == b.found and a.start == b.start and a.end == b.end
-    assert detect_transition(c) == a
+def null_curves(family: str, count: int = 200) -> list[np.ndarray]:
+    """Seeded noisy curves without a transition: sigma = 0.2 on log CDNV, 6-20 layers.
+
+    "straight": a straight decline of log CDNV; "curved": a smooth plateau-free decline -a x^p
+    (p in [0.4, 2.5]: steep-then-flattening or flat-then-steepening, never decline-plateau-decline).
+    """
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng([7, i, family == "curved"])
+        n = int(rng.integers(6, 21))
+        x = np.linspace(0, 1, n)
+        a = rng.uniform(1.0, 6.0)
+        y = -a * x if family == "straight" else -a * x ** rng.uniform(0.4, 2.5)
+        out.append(np.exp(y + rng.normal(0, 0.2, n)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["straight", "curved"])
+def test_false_positive_rate_and_calibration_on_curves_without_a_transition(family: str) -> None:
+    """At most 2% of noisy transition-free curves are reported as transitions (the pre-fix method, with
+    two-point segments and BIC weights as confidence, reported 3.5% of each family at mean confidence 0.6),
+    and the confidence is calibrated: P(confidence >= c) <= 1 - c (+ binomial slack) under no transition."""
+    ts = [detect_transition(c) for c in null_curves(family)]
+    rate = np.mean([t.found for t in ts])
+    assert rate <= 0.02, (family, rate)
+    conf = np.array([t.confidence for t in ts])
+    for c in (0.5, 0.8, 0.9):
+        assert np.mean(conf >= c) <= (1 - c) + 0.03, (family, c, np.mean(conf >= c))
+    assert all(t.p_value is None or math.isclose(t.confidence, round(1 - t.p_value, 4)) for t in ts)
+
+
+@pytest.mark.parametrize("n", [6, 7, 8])
+def test_short_curves_have_no_transition_even_with_a_perfect_plateau(n: int) -> None:
+    """Under three points per segment a line through two points fits any noise: too few layers."""
+    t = detect_transition(piecewise(n, 0.3, 0.7, -6.0, 0.0, -8.0))
+    assert not t.found and t.confidence == 0.0 and "too few layers" in t.reason
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n=st.integers(16, 40), b1=st.floats(0.2, 0.4), gap=st.floats(0.25, 0.4), s1=st.floats(-10, -3), s2=st.floats(-0.3, 0.3),
+       s3=st.floats(-10, -3), noise=st.floats(0.0, 0.05), scale=st.floats(1e-6, 1e6), seed=st.integers(0, 10_000))
+def test_planted_breakpoints_are_found_and_detection_is_scale_invariant(n, b1, gap, s1, s2, s3, noise, scale, seed) -> None:
+    """Any decline-plateau-decline curve (random breakpoints, slopes, noise) is detected with its breakpoints
+    within tolerance, and rescaling CDNV (a shift of log CDNV) changes nothing."""
+    b2 = min(b1 + gap, 0.8)
+    c = piecewise(n, b1, b2, s1, s2, s3, noise=noise, seed=seed)
+    t = detect_transition(c)
+    assert t.found, t
+    tol = 2.5 / (n - 1) + 0.06
+    assert abs(t.start_rel - b1) <= tol and abs(t.end_rel - b2) <= tol, (t.start_rel, t.end_rel, b1, b2)
+    assert t.confidence >= 0.99
+    u = detect_transition(c * scale)
+    assert (u.found, u.start, u.end) == (t.found, t.start, t.end)
+    assert abs(u.confidence - t.confidence) <= 2 / 500
+    assert detect_transition(c) == t  # deterministic
 
 
 def test_efficient_depth_picks_the_first_transition() -> None:
@@ -88,3 +138,191 @@ def test_rank_correlation_and_bootstrap() -> None:
     rho, lo, hi = rank_correlation(x, y, seed=3)
     assert lo < rho < hi and lo < 0 < hi
     assert rank_correlation(x, y, seed=3) == (rho, lo, hi)
+
+
+# ----------------------------------------------------------------------------- transfer prediction
+def _transfer_frame(curves: dict) -> pd.DataFrame:
+    """layer_frame-shaped rows from {(model, source, target): (cdnv per layer, probe accuracy per layer)}."""
+    rows = []
+    for (model, source, target), (cdnv, acc) in curves.items():
+        for key, vals in (("cdnv/target", cdnv), ("probe_acc/target_test", acc)):
+            for layer, v in enumerate(vals):
+                rows.append({"run_id": f"{model}-{source}-{target}", "cell": "", "model": model, "depth": 0, "noise": "clean",
+                             "noise_kind": "clean", "noise_level": "0", "source": source, "target": target, "metric": key,
+                             "layer": layer, "rel_depth": layer / max(1, len(vals) - 1), "value": float(v)})
+    return pd.DataFrame(rows)
+
+
+def _points(frame: pd.DataFrame) -> pd.DataFrame:
+    piv = frame.pivot_table(index=["model", "source", "target", "layer"], columns="metric", values="value").reset_index()
+    return piv.rename(columns={"cdnv/target": "cdnv", "probe_acc/target_test": "probe_acc"})
+
+
+def _transfer_spec(sources, targets, seed: int = 7) -> SimpleNamespace:
+    return SimpleNamespace(name="tr", kind="domain_transfer", experiment="tr", description="",
+                           transfer=SimpleNamespace(sources=list(sources), targets=list(targets)), train=SimpleNamespace(seed=seed))
+
+
+def _digits_like() -> dict:
+    """Three domains as sources and targets, one model. In-domain pairs collapse best and probe best (they
+    would make any pooled correlation positive); across sources, on every target, the better-collapsed
+    off-domain source probes worse."""
+    doms = ["A", "B", "C"]
+    curves = {}
+    for ti, t in enumerate(doms):
+        for si, s in enumerate(doms):
+            if s == t:
+                cdnv, acc = [0.05, 0.02, 0.01, 0.005], [0.95, 0.97, 0.98, 0.99]
+            else:
+                q = (si - ti) % 3  # 1 or 2
+                cdnv = [(1.0 + ti) * (3 - q) * f for f in (1.0, 0.8, 0.6, 0.5)]  # q = 2 collapses better ...
+                acc = [0.3 + 0.1 * ti + 0.05 * (2 - q) + 0.01 * k for k in range(4)]  # ... and probes worse
+            curves[("resnet14", s, t)] = (cdnv, acc)
+    return curves
+
+
+def test_transfer_excludes_in_domain_pairs_and_says_when_there_are_too_few_sources(monkeypatch) -> None:
+    import pnc.report as report
+
+    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: _transfer_frame(_digits_like()))
+    s = report.study_summary(_transfer_spec("ABC", "ABC"))
+    det = s["details"]["transfer"]
+    for t in "ABC":  # two off-domain sources per target: no rho, no +-1
+        assert all(math.isnan(r["rho"]) and r["n"] == 2 and r["note"] == "n=2: too few sources" for r in det["per_target"][t])
+    for r in det["pooled"]:  # within-target ranks, pooled over 3 targets x 2 sources: every target discordant
+        assert r["n"] == 6 and r["targets"] == 3 and r["rho"] == pytest.approx(-1.0)
+    assert s["metrics"]["transfer/spearman_final_layer"] == pytest.approx(-1.0)
+    assert s["details"]["transfer_correlation"]["transfer/spearman"] == pytest.approx([-1.0] * 4)
+    assert "n=6 off-domain pairs, 3 targets" in s["tags"]["pnc.transfer_correlation"]
+
+
+def test_transfer_pooling_ranks_within_each_target() -> None:
+    """Within each target better collapse goes with better probes; across targets the scales are opposite
+    (target Y: smaller CDNV, lower accuracy). Ranking within targets gives rho = 1; pooling raw values does not."""
+    curves = {}
+    for si, s in enumerate(["S1", "S2", "S3", "S4"]):
+        curves[("m", s, "X")] = ([1.0 + si] * 3, [0.9 - 0.1 * si] * 3)
+        curves[("m", s, "Y")] = ([0.1 + 0.1 * si] * 3, [0.5 - 0.1 * si] * 3)
+    r = transfer_correlation(_points(_transfer_frame(curves)))
+    assert [row["rho"] for row in r.pooled] == pytest.approx([1.0] * 3)
+    assert all(row["rho"] == pytest.approx(1.0) and row["n"] == 4 for t in "XY" for row in r.per_target[t])
+    flat = _points(_transfer_frame(curves))
+    assert spearman(-flat.cdnv, flat.probe_acc) < 0  # what pooling raw values across targets reports
+    assert all(row["lo"] <= row["rho"] <= row["hi"] for row in r.pooled)
+
+
+def test_transfer_aligns_models_of_different_depth_on_relative_depth() -> None:
+    """At the last layer of both models the six (source, model) pairs are concordant; the deeper model's
+    layer 3 (what absolute-index alignment pairs with the shallow model's last layer) is reversed."""
+    curves = {}
+    for si, s in enumerate(["S1", "S2", "S3"]):
+        for model, n, q in (("m4", 4, 1 + si), ("m7", 7, 4 + si)):
+            cdnv = [1.0] * n
+            acc = [0.5] * n
+            cdnv[-1], acc[-1] = 1.0 / q, q / 10
+            if model == "m7":
+                cdnv[3], acc[3] = 1.0 / q, 1 - q / 10
+            curves[(model, s, "T")] = (cdnv, acc)
+    r = transfer_correlation(_points(_transfer_frame(curves)))
+    assert r.layers == {"m4": [0, 1, 2, 3], "m7": [0, 2, 4, 6]}
+    assert r.rel_depth == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    last = r.per_target["T"][-1]
+    assert last["rho"] == pytest.approx(1.0) and last["n"] == 6 and last["sources"] == 3
+    assert math.isnan(r.per_target["T"][0]["rho"]) and r.per_target["T"][0]["note"] == "constant values"
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_weighted_ranks_match_spearman_on_repeated_points() -> None:
+    """The bootstrap repeats points by multiplicity; its rho equals scipy's on the explicitly repeated sample."""
+    from scipy.stats import spearmanr
+
+    from pnc.analysis import _rank_terms, _rho
+
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 4, (3, 7)).astype(float), rng.normal(size=(3, 7))
+    w = rng.integers(0, 3, (5, 7))
+    w[w.sum(1) < 3] = 1
+    num, dx, dy, n = _rank_terms(x, y, w)
+    rho = _rho(num, dx, dy)
+    for b in range(5):
+        assert n[b] == w[b].sum()
+        for g in range(3):
+            ref = spearmanr(np.repeat(x[g], w[b]), np.repeat(y[g], w[b])).statistic
+            assert (math.isnan(rho[b, g]) and math.isnan(ref)) or rho[b, g] == pytest.approx(ref)
+
+
+def test_transfer_report_shows_the_numbers_the_parent_run_logs(monkeypatch, tmp_path) -> None:
+    """One computation, one seed: the report's correlation table equals study_summary's (whatever train.seed is)."""
+    import pnc.report as report
+    from pnc.transfer_report import render_transfer
+
+    curves = {}
+    rng = np.random.default_rng(1)
+    for s in ["A", "B", "C", "D"]:
+        for t in ["A", "B", "C", "D"]:
+            q = rng.uniform()
+            curves[("m", s, t)] = (np.exp(-np.arange(5) / 2 - q + rng.normal(0, 0.3, 5)), 0.5 + 0.3 * q + rng.normal(0, 0.05, 5))
+    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: _transfer_frame(curves))
+    monkeypatch.setattr(report, "_save", lambda chart, folder, stem: chart.to_dict() and [])
+    spec = _transfer_spec("ABCD", "ABCD", seed=7)
+    logged = report.study_summary(spec)["details"]["transfer_correlation"]
+    render_transfer(spec, tmp_path)
+    csv = pd.read_csv(tmp_path / "correlation.csv")
+    pooled = csv[csv.target.str.startswith("pooled")].sort_values("step")
+    np.testing.assert_array_equal(pooled.rho.to_numpy(), np.array(logged["transfer/spearman"]))
+    np.testing.assert_array_equal(pooled["90% CI low"].to_numpy(), np.array(logged["transfer/spearman_lo"]))
+    np.testing.assert_array_equal(pooled["90% CI high"].to_numpy(), np.array(logged["transfer/spearman_hi"]))
+    per_a = csv[csv.target == "A"].sort_values("step")
+    np.testing.assert_array_equal(per_a.rho.to_numpy(), np.array(logged["transfer/spearman/A"]))
+    assert (per_a.n == 3).all()
+    assert report.study_summary(_transfer_spec("ABCD", "ABCD", seed=0))["details"]["transfer_correlation"] == logged
+
+
+# ----------------------------------------------------------------------------- noise maps from MLflow rows
+def _noise_frames(cells: list[tuple[str, str, str, float | None]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(layer_frame, run_frame) for cells (noise tag, kind, nominal level, realised rate or None) of model r18;
+    CDNV profile rises linearly with the realised rate (or with the nominal level for input corruption)."""
+    rows, runs = [], []
+    for tag, kind, nominal, realized in cells:
+        run_id = f"run-{tag}"
+        shift = realized if realized is not None else (0.0 if tag == "clean" else float(nominal) / 10 if nominal[0].isdigit() else 0.5)
+        for layer, v in enumerate(np.exp(np.linspace(0, -3, 10) + 2.0 * shift)):
+            rows.append({"run_id": run_id, "cell": tag, "model": "r18", "depth": 18, "noise": tag, "noise_kind": kind,
+                         "noise_level": nominal, "source": "", "target": "", "metric": "cdnv/train_noisy", "layer": layer,
+                         "rel_depth": layer / 9, "value": float(v)})
+        runs.append({"run_id": run_id, "pnc.model": "r18", "pnc.noise": tag,
+                     **({"noise/realized_rate": realized} if realized is not None else {})})
+    return pd.DataFrame(rows), pd.DataFrame(runs)
+
+
+def test_noise_map_for_human_label_sets_uses_the_realised_rate(monkeypatch) -> None:
+    import pnc.report as report
+
+    frame, runs = _noise_frames([("clean", "clean", "0", None), ("human:worse", "human", "worse", 0.40),
+                                 ("human:aggre", "human", "aggre", 0.09), ("human:random1", "human", "random1", 0.17),
+                                 ("symmetric:0.3", "symmetric", "0.3", 0.27), ("symmetric:0.6", "symmetric", "0.6", None),
+                                 ("gaussian_noise:2", "gaussian_noise", "2", None), ("gaussian_noise:4", "gaussian_noise", "4", None)])
+    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: frame)
+    monkeypatch.setattr(report, "run_frame", lambda *a, **k: runs)
+    spec = SimpleNamespace(name="n", kind="noise_sweep", experiment="n")
+    s = report.study_summary(spec)
+    human = s["details"]["noise_maps"]["r18/human"]
+    assert human["levels"] == pytest.approx([0.0, 0.09, 0.17, 0.40])
+    assert human["settings"] == ["clean", "human:aggre", "human:random1", "human:worse"]
+    assert human["level_source"] == ["nominal", "realized", "realized", "realized"]
+    assert len(human["loo_abs_errors"]) == 4 and human["loo_mae"] < 1e-9 and human["slope"] == pytest.approx(0.5)
+    assert "noise_map/r18/human/loo_mae" in s["metrics"]
+    sym = s["details"]["noise_maps"]["r18/symmetric"]  # realised rate where logged, nominal rate as the fallback
+    assert sym["levels"] == pytest.approx([0.0, 0.27, 0.6]) and sym["level_source"] == ["nominal", "realized", "nominal"]
+    assert s["details"]["noise_maps"]["r18/gaussian_noise"]["levels"] == [0.0, 2.0, 4.0]  # input corruption: severity
+
+
+def test_human_label_set_without_a_realised_rate_is_left_out_and_said(monkeypatch) -> None:
+    import pnc.report as report
+
+    frame, runs = _noise_frames([("clean", "clean", "0", None), ("human:aggre", "human", "aggre", None)])
+    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: frame)
+    monkeypatch.setattr(report, "run_frame", lambda *a, **k: runs)
+    s = report.study_summary(SimpleNamespace(name="n", kind="noise_sweep", experiment="n"))
+    assert s["details"]["noise_maps"] == {}
+    assert any("human:aggre" in x for x in s["details"]["noise_map_skipped"])

@@ -56,7 +56,9 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED"
     assert "noise_map/resnet8/symmetric/loo_mae" in parent.data.metrics
     analysis = json.loads(Path(c.download_artifacts(parent.info.run_id, "analysis.json", str(tmp_path))).read_text())
-    assert analysis["noise_maps"]["resnet8/symmetric"]["levels"] == [0.0, 0.3, 0.6]
+    m = analysis["noise_maps"]["resnet8/symmetric"]
+    assert m["settings"] == ["clean", "symmetric:0.3", "symmetric:0.6"], m
+    assert m["levels"][0] == 0.0 and m["levels"][2] == rate, "levels are the realised noise rates"
 
     est = pnc(["estimate-noise", runs["symmetric:0.3"].info.run_id, "--json"], tmp_path)
     assert est.returncode == 0, est.stderr
