@@ -126,10 +126,16 @@ def _check_raw(path: str, logged: str | None, ref: dict, dvc: dict | None = None
     fix = f"restore it ({'`dvc checkout ' + d['file'] + '`' if d else 'see docs/datasets.md'})"
     try:
         ds = DatasetSpec(name=name, root=ref.get("root"))
-        splits = _raw_splits(ds, ref.get("domain"), ref["train_fraction"])
-        if ref["split"] not in splits:
-            raise PncError(f"{name} has no split {ref['split']!r}")
-        now = splits[ref["split"]].digest()
+        if str(ref.get("split", "")).startswith("cifar10c:"):  # a published corrupted test set
+            from .data.registry import corrupted_test_split
+
+            _, corruption, severity = ref["split"].split(":")
+            now = corrupted_test_split(ds, corruption, int(severity))[0].digest()
+        else:
+            splits = _raw_splits(ds, ref.get("domain"), ref["train_fraction"])
+            if ref["split"] not in splits:
+                raise PncError(f"{name} has no split {ref['split']!r}")
+            now = splits[ref["split"]].digest()
     except (PncError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         status = "missing" if gone or isinstance(e, FileNotFoundError) else "drifted"

@@ -166,6 +166,9 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
         evals["train"] = batches("train", count=False)
     if "test" in splits:
         evals["test"] = batches("test")
+    for role in splits:  # further test sets, e.g. the published corrupted test set ("cifar10c")
+        if role not in ("train", "test"):
+            evals[role] = batches(role)
     want_probe = "probe" in spec.measure.metrics and "test" in splits
     try:
         result = measure(
@@ -251,7 +254,8 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
     train_ds = ImageDataset(data.train, image_size=size, channels=ch, label_columns=cols)
     test_ds = ImageDataset(data.test, image_size=size, channels=ch)
     label_names = ("noisy", "clean") if noisy_labels else ("train",)
-    layers, names, accs = measure_model(model, spec, {"train": train_ds, "test": test_ds}, accelerator=accelerator,
+    extra = {role: ImageDataset(split, image_size=size, channels=ch) for role, split in data.extra_eval.items()}
+    layers, names, accs = measure_model(model, spec, {"train": train_ds, "test": test_ds, **extra}, accelerator=accelerator,
                                         num_classes=info.num_classes, label_names=label_names, progress=progress,
                                         ncc_train=spec.kind == "depth_sweep")
     results = dict(layers)
@@ -267,6 +271,8 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
         for k, v in clean_layers.items():
             if k.startswith("probe_acc"):
                 results[k] = v
+        for role in extra:  # probes on the corrupted training inputs, scored on the published corrupted test set
+            results.update({k: v for k, v in layers.items() if k.startswith("probe_acc/") and k.endswith("/" + role)})
         results["mem_ratio/train"] = list(np.asarray(results["cdnv/train_clean"]) / np.asarray(results["cdnv/train_noisy"]))
         accs["train_clean"] = clean_accs["train"]
     if "mem_ratio/train" in results:
@@ -275,7 +281,7 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
         mem_layers = memorization_layers(results["mem_ratio/train"])
     results.pop("memorization_layers", None)
     summary = {"train_acc": result.acc, "train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
-               "epochs": result.epochs, "resumed_from": result.resumed_from}
+               "epochs": result.epochs, "resumed_from": result.resumed_from, **{f"{r}_acc": accs.get(r) for r in extra}}
     probe_key = "probe_acc/test"
     if probe_key in results:
         summary["final_probe_acc"] = results[probe_key][-1]
@@ -291,6 +297,8 @@ def run_cell(spec: Any, cell: Any, data: Any, *, accelerator, run_id: str | None
             finals["noise/realized_rate"] = data.noise_rate
         if "train_clean" in accs:
             finals["train/clean_input_acc"] = accs["train_clean"]
+        for role in extra:
+            finals[f"test/{role}_acc"] = accs.get(role)
         tracking.log_metrics(run_id, finals)
         tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
         if mem_layers is not None:
@@ -408,6 +416,9 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
         return data_cache[key]
 
     data_for(cells[0])
+    from .data.registry import check_corrupted_test
+
+    check_corrupted_test(spec)
     from .train import make_accelerator  # imports torch
 
     accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)

@@ -320,6 +320,9 @@ class NoiseSpec(_Spec):
     label: list[LabelNoiseSpec] = Field(default_factory=list)
     input: list[InputNoiseSpec] = Field(default_factory=list)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every derived split.")
+    corrupted_test: bool = Field(
+        False, description="Also measure each corrupted-input cell on the published corrupted test set at its corruption "
+                           "and severity (CIFAR-10-C .npy files; cifar10 only): network and probe accuracy, NCC.")
 
 
 class TransferSpec(_Spec):
@@ -446,6 +449,16 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
         kinds = [ln.kind for ln in noise.label if ln.kind is not None]
         for k in sorted({k for k in kinds if kinds.count(k) > 1}):
             out.append((("noise", "label"), f"label noise kind {k!r} appears twice; merge its rates into one entry"))
+        if getattr(noise, "corrupted_test", False):
+            if info.name != "cifar10":
+                out.append((("noise", "corrupted_test"), f"a published corrupted test set exists only for cifar10 (CIFAR-10-C), "
+                                                         f"not {info.name}; remove corrupted_test"))
+            elif not noise.input:
+                out.append((("noise", "corrupted_test"), "corrupted_test needs an entry under noise.input (a corruption to test on)"))
+            else:
+                for i, x in enumerate(noise.input):
+                    if x.corruption is not None and x.corruption not in catalog.CIFAR10C_CORRUPTIONS:
+                        out.append((("noise", "input", i, "corruption"), f"CIFAR-10-C has no {x.corruption!r} files"))
         corr = [x.corruption for x in noise.input if x.corruption is not None]
         for c in sorted({c for c in corr if corr.count(c) > 1}):
             out.append((("noise", "input"), f"corruption {c!r} appears twice; merge its severities into one entry"))
@@ -513,7 +526,7 @@ def _partial_spec(data: dict) -> Any | None:
                 inputs.append(InputNoiseSpec.model_validate(entry))
             except ValidationError:
                 inputs.append(SimpleNamespace(corruption=None))
-        noise = SimpleNamespace(label=label, input=inputs)
+        noise = SimpleNamespace(label=label, input=inputs, corrupted_test=raw.get("corrupted_test") is True)
     transfer = block(TransferSpec, "transfer") if data.get("kind") == "domain_transfer" else None
     return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], noise=noise, transfer=transfer)
 

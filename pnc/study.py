@@ -123,6 +123,8 @@ def expand(spec: Any) -> list[Cell]:
         elif spec.kind == "noise_sweep":
             for ns in noise_settings(spec):
                 cfg = dict(base, noise={"type": ns.type, "kind": ns.kind, "level": ns.level, "seed": spec.noise.seed})
+                if spec.noise.corrupted_test and ns.type == "input" and ns.level:  # measured on CIFAR-10-C too
+                    cfg["noise"]["corrupted_test"] = True
                 cells.append(Cell(spec.name, spec.kind, model, (("model", model.name), ("noise", ns.tag)), _cfg(cfg), noise=ns))
         elif spec.kind == "domain_transfer":
             for src in spec.transfer.sources:

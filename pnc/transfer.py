@@ -272,8 +272,9 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
                     summary["targets"][target] = {"run_id": trun, **finals}
                     print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                           f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
+            nothing_done = not summary.get("trained") and all(t.get("status") == "SKIPPED" for t in summary["targets"].values())
             outcomes.append(CellOutcome(cell, "BUSY", run_id, summary, reason="; ".join(busy_targets)) if busy_targets
-                            else CellOutcome(cell, "FINISHED", run_id, summary))
+                            else CellOutcome(cell, "SKIPPED" if nothing_done else "FINISHED", run_id, summary))
         failed = finish_study(spec, parent, outcomes, results_path, main)  # inside the guard: an interrupt closes the parent
     return close_study(spec, outcomes, failed, accelerator)
 

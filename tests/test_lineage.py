@@ -54,7 +54,7 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     missing = pnc(["lineage", run_id, "--json"], tmp_path)
     assert missing.returncode == 1 and any("does not exist" in p for p in json.loads(missing.stdout)["problems"])
 
-    t = pnc(["run", "specs/digits_transfer.yaml", "--set", "train.epochs=1", "--set", "transfer.sources=[handwritten]",
+    t = pnc(["run", "specs/digits_transfer.yaml", "--set", "train.epochs=1", "--set", "models=[resnet14]", "--set", "transfer.sources=[handwritten]",
              "--set", "transfer.targets=[typeset]"], tmp_path)
     assert t.returncode == 0, t.stderr
     (trun,) = run_ids(tmp_path, "digits_transfer", "transfer")

@@ -49,6 +49,7 @@ class CellData:
     noise_rate: float | None = None  # realised fraction of changed labels (label noise)
     manifest: dict | None = None
     inputs: list[DataInput] = field(default_factory=list)
+    extra_eval: dict[str, ImageSplit] = field(default_factory=dict)  # more test sets, e.g. {"cifar10c": ...}
 
     def probe_inputs(self) -> list[DataInput]:
         """The inputs of a transfer-target run: the train split feeds only collapse measurement and probe fitting
@@ -229,4 +230,35 @@ def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellDa
     if noise.type == "label":
         return CellData(train=derived, test=test, clean_labels=np.asarray(clean_labels), noise_rate=manifest.get("realized_noise_rate"),
                         manifest=manifest, inputs=[d_input] + base_inputs)
-    return CellData(train=derived, test=test, clean_inputs=train, manifest=manifest, inputs=[d_input] + base_inputs)
+    extra: dict[str, ImageSplit] = {}
+    if getattr(spec.noise, "corrupted_test", False) and noise.level:
+        split, c_input = corrupted_test_split(spec.dataset, noise.kind, int(noise.level))
+        extra["cifar10c"] = split
+        base_inputs.append(c_input)
+    return CellData(train=derived, test=test, clean_inputs=train, manifest=manifest, inputs=[d_input] + base_inputs,
+                    extra_eval=extra)
+
+
+def check_corrupted_test(spec: Any) -> None:
+    """Open every published corrupted test set a noise study will read, so a missing file stops it at once."""
+    from ..study import noise_settings
+
+    if spec.kind != "noise_sweep" or not spec.noise.corrupted_test:
+        return
+    for ns in noise_settings(spec):
+        if ns.type == "input" and ns.level:
+            corrupted_test_split(spec.dataset, ns.kind, int(ns.level))
+
+
+def corrupted_test_split(ds: Any, corruption: str, severity: int) -> tuple[ImageSplit, DataInput]:
+    """The published corrupted test set (CIFAR-10-C) at ``corruption`` and ``severity``, with its input record."""
+    from .base import dvc_tracking
+    from .cifar import dataset_root
+    from .cifar10c import CIFAR10C_DIR, load_cifar10c
+
+    folder = dataset_root(ds.name, ds.root) / CIFAR10C_DIR
+    split = load_cifar10c(folder, corruption=corruption, severity=severity)
+    raw = {"dataset": ds.name, "domain": None, "split": f"cifar10c:{corruption}:{severity}", "root": ds.root,
+           **(dvc_tracking(folder) or dvc_tracking(dataset_root(ds.name, ds.root)) or {})}
+    return split, DataInput(f"{ds.name}-c/{corruption}/{severity}", split.source, split.digest(), "evaluation",
+                            _stage_of(split.source, raw), raw)

@@ -151,6 +151,7 @@ def test_transfer_study_rerun_registers_no_new_model_version(tmp_path: Path) -> 
     again = pnc(sets, d)
     assert again.returncode == 0, again.stderr
     assert f"reusing registered model {name} v1" in again.stderr and "finished earlier" in again.stderr
+    assert "0 cell(s) run, 1 skipped" in again.stderr, again.stderr
     assert [str(v.version) for v in c.search_model_versions(f"name='{name}'")] == ["1"], "no duplicate model version"
     assert {k: str(v) for k, v in c.get_registered_model(name).aliases.items()} == {"current": "1", "src-handwritten": "1"}
     runs1 = _runs(d, "digits_transfer")
