@@ -29,27 +29,39 @@ def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
             d = sub[sub.metric == key]
             if log:
                 d = d[d.value > 0]
-            charts.append(alt.Chart(d).mark_line(point=True).encode(
+            several = df.model.nunique() > 1
+            models = sorted(df.model.unique(), key=lambda m: (len(m), m))  # resnet8 before resnet14
+            base = alt.Chart(d).encode(
                 x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
                 y=alt.Y("value:Q", title=title, scale=alt.Scale(type="log") if log else alt.Undefined),
                 color=alt.Color("source:N", sort=sources, title="source"),
-                strokeDash=alt.StrokeDash("model:N") if df.model.nunique() > 1 else alt.Undefined,
-                tooltip=["source", "target", "layer", alt.Tooltip("value:Q", format=".4g")],
-            ).properties(width=220, height=140, title=f"target {target}" if key == TRANSFER_KEYS[0][0] else ""))
+                tooltip=["source", "model", "target", "layer", alt.Tooltip("value:Q", format=".4g")],
+            )
+            # several models: a dash pattern per model on the lines, and a point shape per model for the legend
+            lines = base.mark_line().encode(strokeDash=alt.StrokeDash("model:N", sort=models, legend=None) if several else alt.Undefined)
+            points = base.mark_point(filled=True, size=28).encode(
+                shape=alt.Shape("model:N", sort=models, title="model") if several else alt.Undefined)
+            charts.append((lines + points).properties(width=220, height=140,
+                                                      title=f"target {target}" if key == TRANSFER_KEYS[0][0] else ""))
         rows.append(alt.hconcat(*charts))
     _save(alt.vconcat(*rows).properties(title=f"{spec.name}: target collapse and probe accuracy by source"), folder, "transfer")
     sections = [("Per-layer collapse and probe accuracy on each target (Figure 3 layout)", _figure("transfer"))]
 
     probe = df[df.metric == "probe_acc/target_test"]
     final = probe.sort_values("layer").groupby(["model", "source", "target"]).agg(final=("value", "last"), best=("value", "max")).reset_index()
-    heat = []
-    for col, title in (("final", "final-layer probe accuracy"), ("best", "best-layer probe accuracy")):
-        base = alt.Chart(final).encode(x=alt.X("target:N", sort=list(spec.transfer.targets)), y=alt.Y("source:N", sort=sources))
-        heat.append((base.mark_rect().encode(color=alt.Color(f"{col}:Q", scale=alt.Scale(scheme="viridis"), title=title))
-                     + base.mark_text(baseline="middle").encode(text=alt.Text(f"{col}:Q", format=".3f"),
-                                                                 color=alt.value("white")))
-                    .properties(width=180, height=150, title=title))
-    _save(alt.hconcat(*heat), folder, "heatmap")
+    heat_rows = []
+    scale = alt.Scale(scheme="viridis", domain=[float(min(final.final.min(), final.best.min())), 1.0])
+    for model in sorted(final.model.unique(), key=lambda m: (len(m), m)):  # one row of heatmaps per model
+        heat = []
+        for col, title in (("final", "final-layer probe accuracy"), ("best", "best-layer probe accuracy")):
+            base = alt.Chart(final[final.model == model]).encode(x=alt.X("target:N", sort=list(spec.transfer.targets)),
+                                                                 y=alt.Y("source:N", sort=sources))
+            heat.append((base.mark_rect().encode(color=alt.Color(f"{col}:Q", scale=scale, title="probe accuracy (target test)"))
+                         + base.mark_text(baseline="middle").encode(text=alt.Text(f"{col}:Q", format=".3f"),
+                                                                     color=alt.value("white")))
+                        .properties(width=180, height=150, title=f"{model}: {title}"))
+        heat_rows.append(alt.hconcat(*heat))
+    _save(alt.vconcat(*heat_rows), folder, "heatmap")
     sections.append(("Source x target probe accuracy", _figure("heatmap")))
 
     # The correlation is computed once, by the same function and seed as the parent-run metrics.
