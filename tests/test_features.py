@@ -98,6 +98,26 @@ def test_torchvision_swin_taps():
     assert list(features)[:2] == ["features.1.0", "features.1.1"]
 
 
+def test_the_cases_above_cover_every_shipped_spec():
+    """Each (model, image size, channels) of specs/*.yaml is built and tapped by one of the tests above:
+    a spec that gains a model or a size fails here until a case is added."""
+    from pathlib import Path
+
+    from pnc.spec import load_spec
+
+    covered = {(f"resnet{d}", s, c) for d in (8, 14, 20, 32, 56) for s in (8, 16, 32) for c in (1, 3)}
+    covered |= {(n, s, 3) for n, _, _ in TORCHVISION_RESNETS for s in (32, 224)}
+    covered |= {(SWIN.format(v), s, 3) for v, _, s, _ in SWIN_CASES}
+    missing = set()
+    for path in sorted((Path(__file__).parents[1] / "specs").glob("*.yaml")):
+        spec = load_spec(path)
+        for m in spec.models:
+            key = (m.name, spec.dataset.size, spec.dataset.info.channels)
+            if key not in covered:
+                missing.add((path.name, *key))
+    assert not missing, f"add a build-and-tap case for: {sorted(missing)}"
+
+
 # --- what a tap holds -------------------------------------------------------------------------
 
 

@@ -221,6 +221,39 @@ def test_invariance_rotation_translation_scaling():
     assert not rel_close(collapse_metrics(W, y, 4)["cdnv"], a["cdnv"], 1e-3)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 8), extra=st.integers(0, 6),
+       scale=st.floats(1e-3, 1e3), shift=st.floats(-1e4, 1e4), per=st.integers(1, 20))
+def test_property_any_simplex_etf_gives_zero(seed, k, extra, scale, shift, per):
+    """Collapsed features on a simplex ETF (any K, D >= K, scale, translation, class size): NC2 = 0, CDNV = 0."""
+    rng = np.random.default_rng(seed)
+    M = ref.simplex_etf(k, k + extra, rng) * scale + shift
+    y = np.repeat(np.arange(k), per)
+    m = collapse_metrics(M[y], y, k)
+    assert abs(m["nc2"]) < 1e-9 and m["cdnv"] < 1e-18, m
+    if k == 2:  # any two distinct means form a 2-class simplex ETF: nothing to break
+        return
+    # a perturbed mean breaks the ETF: NC2 grows (so the check above can fail)
+    M2 = M.copy()
+    M2[0] += scale * 0.5 * rng.standard_normal(M.shape[1])
+    assert collapse_metrics(M2[y], y, k)["nc2"] > 1e-4
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 6), d=st.integers(2, 10),
+       scale=st.floats(1e-2, 1e2), shift=st.floats(-1e3, 1e3))
+def test_property_rotation_translation_scaling_invariance(seed, k, d, scale, shift):
+    rng = np.random.default_rng(seed)
+    X, y = random_data(rng, K=k, D=d, N=40 * k)
+    if len(np.unique(y)) < 2:
+        return
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    Z = scale * X @ Q + shift * rng.standard_normal(d)
+    a, b = collapse_metrics(X, y, k), collapse_metrics(Z, y, k)
+    for key in ("cdnv", "nc1", "nc2"):
+        assert rel_close(a[key], b[key], 1e-7, atol=1e-12), (key, a[key], b[key])
+
+
 def test_cdnv_is_not_squared_again():
     """Doubling all features leaves CDNV unchanged (eq. 7 read literally would scale it by 4)."""
     rng = np.random.default_rng(11)
