@@ -441,7 +441,9 @@ def render_compare(studies: list[str], out: Path, metric: str | None = None) -> 
             tooltip=["study", "curve", "layer", alt.Tooltip("value:Q", format=".4g")],
         ).properties(width=520, height=300, title=f"{', '.join(sorted(df.key.unique()))} on relative depth")
         _save(chart, tmp, "compare")
-        table = df.groupby(["study", "curve"]).agg(layers=("layer", "max"), first=("value", "first"), last=("value", "last")).reset_index()
+        table = (df.sort_values("layer").groupby(["study", "key", "curve"])
+                 .agg(layers=("layer", "max"), first=("value", "first"), last=("value", "last")).reset_index()
+                 .rename(columns={"key": "metric"}))
         table["layers"] += 1
         (tmp / "index.html").write_text(_page(name, [("Overlay on relative depth", _figure("compare")), ("Curves", _table(table))]))
 

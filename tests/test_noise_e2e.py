@@ -76,3 +76,11 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "reports/compare-digits_noise-digits_noise/compare.png").exists()
     missing = pnc(["compare", "specs/digits_depth.yaml"], tmp_path)
     assert missing.returncode == 1 and "no finished runs" in missing.stderr
+    # two different studies on one relative-depth axis: each with its own metric (cdnv/train, clean cdnv/train_noisy)
+    depth = pnc(["run", "specs/digits_depth.yaml", "--set", "train.epochs=1", "--set", "models=[resnet8]"], tmp_path)
+    assert depth.returncode == 0, depth.stderr
+    both = pnc(["compare", "specs/digits_depth.yaml", "digits_noise"], tmp_path)
+    assert both.returncode == 0, both.stderr
+    page = (tmp_path / "reports/compare-digits_depth-digits_noise/index.html").read_text()
+    assert "<td>digits_depth</td>" in page and "<td>digits_noise</td>" in page, page[-3000:]
+    assert "<td>cdnv/train</td>" in page and "<td>cdnv/train_noisy</td>" in page, page[-3000:]
