@@ -238,6 +238,10 @@ def test_cli_exit_codes_and_no_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr and ":" in r.stderr
     ok = subprocess.run([sys.executable, "-m", "pnc.cli", "validate", *map(str, SPECS)], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+    # command-line misuse is bad input too: exit 1 (not argparse's 2), the usage, and where to look
+    for args in (["validate"], ["ui", "--port", "abc"], ["nope"], ["run", str(bad), "--no-such-flag"]):
+        r = subprocess.run([sys.executable, "-m", "pnc.cli", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "usage: pnc" in r.stderr and "--help" in r.stderr, (args, r.stderr)
 
 
 def test_help_and_validate_do_not_import_torch_or_mlflow() -> None:
