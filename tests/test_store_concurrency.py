@@ -60,19 +60,27 @@ def all_runs(db: Path, experiment: str) -> list:
     return c.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
 
 
+PNC = [sys.executable, "-m", "pnc.cli"]
+
+
+def embedded_project(tmp_path: Path, overrides: list[str], **env_extra: str) -> tuple[Path, dict, list[str]]:
+    """specs/ and the embedded digits in ``tmp_path``, a fresh SQLite store: (db, env, cell ids of the plan)."""
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    env = dict(env_for(db), **env_extra)
+    assert subprocess.run([*PNC, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
+    plan = subprocess.run([*PNC, "plan", "specs/digits_depth.yaml", *overrides, "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    return db, env, [cell["id"] for cell in json.loads(plan.stdout)["cells"]]
+
+
 @pytest.mark.slow
 def test_two_pnc_runs_share_one_sqlite_store(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    shutil.copytree(ROOT / "specs", tmp_path / "specs")
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    env = env_for(db)
-    pnc = [sys.executable, "-m", "pnc.cli"]
-    assert subprocess.run([*pnc, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
-    plan = subprocess.run([*pnc, "plan", "specs/digits_depth.yaml", *OVERRIDES, "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    ids = [cell["id"] for cell in json.loads(plan.stdout)["cells"]]
+    db, env, ids = embedded_project(tmp_path, OVERRIDES)
+    pnc = PNC
     assert len(ids) == 2
     cmds = [[*pnc, "run", "specs/digits_depth.yaml", *OVERRIDES, "--cell", i, "--no-progress"] for i in ids]
 
@@ -159,16 +167,9 @@ def test_tracking_writers_race_on_a_fresh_sqlite_store(tmp_path: Path) -> None:
 def test_one_cell_started_twice_at_once_is_trained_once(tmp_path: Path) -> None:
     """A job array submitted twice: two `pnc run --cell ID` of the same cell start together. One trains it;
     the other says who holds it and exits 1 without touching its run; afterwards the cell has one run."""
-    shutil.copytree(ROOT / "specs", tmp_path / "specs")
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    env = dict(env_for(db), PNC_CLAIM_SETTLE_S="2")
-    pnc = [sys.executable, "-m", "pnc.cli"]
-    assert subprocess.run([*pnc, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
     overrides = ["--set", "train.epochs=2", "--set", "models=[resnet8]"]
-    plan = subprocess.run([*pnc, "plan", "specs/digits_depth.yaml", *overrides, "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    (cell,) = [c["id"] for c in json.loads(plan.stdout)["cells"]]
+    db, env, (cell,) = embedded_project(tmp_path, overrides, PNC_CLAIM_SETTLE_S="2")
+    pnc = PNC
     cmd = [*pnc, "run", "specs/digits_depth.yaml", *overrides, "--cell", cell, "--no-progress"]
     results = run_all([cmd, cmd], tmp_path, env, timeout=400)
     codes = sorted(rc for rc, _ in results)
@@ -193,15 +194,8 @@ def test_cells_run_one_by_one_close_the_study_with_the_last(tmp_path: Path) -> N
     cell finishes the study: analyses on the parent, parent FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    shutil.copytree(ROOT / "specs", tmp_path / "specs")
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    env = env_for(db)
-    pnc = [sys.executable, "-m", "pnc.cli"]
-    assert subprocess.run([*pnc, "embed", "digits"], cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0
-    plan = subprocess.run([*pnc, "plan", "specs/digits_depth.yaml", *OVERRIDES, "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    ids = [cell["id"] for cell in json.loads(plan.stdout)["cells"]]
+    db, env, ids = embedded_project(tmp_path, OVERRIDES)
+    pnc = PNC
     c = MlflowClient(f"sqlite:///{db}")
 
     def parent():
