@@ -249,12 +249,21 @@ COMMANDS = {
 }
 
 
+def _terminated(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C, in every command
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except PncError as e:

@@ -40,7 +40,10 @@ def _check_store_split(path: str, logged: str | None) -> dict:
     node: dict[str, Any] = {"path": path, "logged_digest": logged}
     p = Path(path)
     if not (p / "manifest.json").exists():
-        node.update(status="missing", message=f"{path} does not exist; re-create it with `dvc repro` (or `dvc checkout`)")
+        parts = Path(path).parts
+        quick = (f"`pnc embed {parts[2]}`" if parts[:2] == ("data", "embedded") and len(parts) > 2
+                 else f"`dvc repro derive@{parts[2]}`" if parts[:2] == ("data", "derived") and len(parts) > 2 else "`dvc repro`")
+        node.update(status="missing", message=f"{path} does not exist; re-create it with {quick} (or `dvc checkout`)")
         return node
     try:
         now = split_digest(p)
@@ -248,6 +251,11 @@ def lineage(run_id: str, *, as_json: bool = False) -> int:
         print(f"run {info['run_id']} ({info['cell'] or info['run_name']}), {info['status']}")
         s = info["spec"]
         print(f"  spec {s['path']} digest {s['logged_digest']} [{s.get('status')}]")
+        if s.get("overrides"):
+            print(f"    with overrides: {' '.join('--set ' + o for o in s['overrides'])}")
+        if s.get("status") == "changed":
+            print(f"    the spec file changed since the run (digest now {s.get('current_digest')}): to reproduce the run, "
+                  f"use the spec of git commit {info['git_commit']}")
         print(f"  code: pnc {info['pnc_version']}, git {info['git_commit']} (dirty: {info['git_dirty']})")
         if info["model_uri"]:
             print(f"  model: {info['model_uri']}")

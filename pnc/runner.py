@@ -212,6 +212,26 @@ def _write_results(path: Path, spec: Any, outcomes: list[CellOutcome]) -> None:
     os.replace(tmp, path)
 
 
+def check_layer_selection(spec: Any, cells: list) -> None:
+    """``measure.layers`` must tap something in every model of the study: checked on each model built on the
+    meta device (no memory, no weights) before anything trains. A selection that matches nothing raises
+    ModelError naming the modules that exist."""
+    import torch
+
+    from .features import select_layers
+    from .models import build_model
+
+    info = spec.dataset.info
+    for m in {c.model.name: c.model for c in cells}.values():
+        try:
+            with torch.device("meta"):
+                model = build_model(m.name, num_classes=info.num_classes, in_chans=info.channels, image_size=spec.dataset.size,
+                                    source=m.source, cifar_stem=m.cifar_stem, pretrained=False, **m.kwargs)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is checked when it trains
+            continue
+        select_layers(model, spec.measure.layer_selection)
+
+
 def _train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None):
     """Build and train the cell's model (resuming from its checkpoint)."""
     from .data.torchdata import ImageDataset, make_augment
@@ -419,7 +439,16 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
     from .data.registry import check_corrupted_test
 
     check_corrupted_test(spec)
-    from .train import make_accelerator  # imports torch
+    # Every other cell's data too (derived splits written and checked, e.g. a CIFAR-10N file in the wrong
+    # order), then dropped: a bad file stops the study before anything trains, not hours into it.
+    seen = {cells[0].noise.tag if cells[0].noise is not None else "base"}
+    for cell in cells[1:]:
+        key = cell.noise.tag if cell.noise is not None else "base"
+        if key not in seen:
+            seen.add(key)
+            load_cell_data(spec, cell)
+    check_layer_selection(spec, cells)  # imports torch
+    from .train import make_accelerator
 
     accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
     main = accelerator.is_main_process

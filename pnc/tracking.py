@@ -205,12 +205,17 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     c = client()
     runs = _study_parents(exp_id, study)
     mine = None
-    if not runs:
-        run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
-        mine = run.info.run_id
-    if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
-        time.sleep(_PARENT_SETTLE_S)
-        runs = _study_parents(exp_id, study) or runs
+    try:
+        if not runs:
+            run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
+            mine = run.info.run_id
+        if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
+            time.sleep(_PARENT_SETTLE_S)
+            runs = _study_parents(exp_id, study) or runs
+    except KeyboardInterrupt:  # Ctrl-C while settling: the parent this process created must not stay RUNNING
+        if mine is not None:
+            end_run(mine, "KILLED")
+        raise
     run_id = runs[0].info.run_id if runs else mine
     if mine is not None and mine != run_id:
         _retrying(lambda: c.delete_run(mine))
@@ -333,11 +338,15 @@ def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
     me = owner_id()
     run_id = start_cell_run(exp_id, parent_id, cell, {**tags, TAG_OWNER: me, TAG_HEARTBEAT: f"{time.time():.3f}"},
                             role=role, run_name=run_name, reuse=reuse, cell_id=cid)
-    if SETTLE_S > 0:  # a loaded store slows every process alike: wait at least 3x this process's check-to-claim
-        time.sleep(max(SETTLE_S, 3 * (time.monotonic() - t_check)))
-    now = time.time()
-    live = [r for r in _cell_runs(exp_id, cid, role)
-            if r.info.status == "RUNNING" and (r.data.tags.get(TAG_OWNER) == me or holder(r, now))]
+    try:
+        if SETTLE_S > 0:  # a loaded store slows every process alike: wait at least 3x this process's check-to-claim
+            time.sleep(max(SETTLE_S, 3 * (time.monotonic() - t_check)))
+        now = time.time()
+        live = [r for r in _cell_runs(exp_id, cid, role)
+                if r.info.status == "RUNNING" and (r.data.tags.get(TAG_OWNER) == me or holder(r, now))]
+    except KeyboardInterrupt:  # Ctrl-C while settling: the run just claimed must not stay RUNNING
+        end_run(run_id, "KILLED")
+        raise
     winner = min(live, key=lambda r: (r.info.start_time or 0, r.info.run_id)) if live else None
     if winner is None or winner.data.tags.get(TAG_OWNER) != me:
         if reuse is None:

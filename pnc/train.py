@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +117,12 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
     optimizer = make_optimizer(model, tspec)
     start, resumed = 0, None
     state = load_checkpoint(checkpoint)
+    want = (extra_state or {}).get("run_id")
+    if state is not None and want is not None and state.get("run_id") not in (None, want):
+        # another run's checkpoint (a new run of the cell: other data, another store): never resume from it
+        if accelerator.is_main_process:
+            print(f"  ignoring checkpoint {checkpoint}: it belongs to run {state.get('run_id')}, not {want}", file=sys.stderr)
+        state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

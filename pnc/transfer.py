@@ -11,6 +11,7 @@ Each (source, target) pair is one child run whose input model is the registered 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -59,9 +60,17 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
     from . import tracking
 
     c = tracking.client()
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", serialization_format="pickle",
-                                        pip_requirements=["torch", "torchvision", "timm"])
+    # Pickle on purpose: the models are pnc's own, timm's or torchvision's classes, read back by pnc (pt2 export
+    # would trace them); MLflow's warning about it, once per registered model, only clutters the study's log.
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", serialization_format="pickle",
+                                            pip_requirements=["torch", "torchvision", "timm"])
+    finally:
+        log.setLevel(level)
     try:
         tracking._retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))
     except Exception:  # noqa: BLE001 - exists already
@@ -111,7 +120,10 @@ def run_transfer_study(spec: Any, cells: list, *, spec_path: str, force: bool = 
     domains = list(dict.fromkeys([*spec.transfer.sources, *spec.transfer.targets]))
     # Data first: every domain's splits, before torch is imported, any model built or run created.
     data = {d: load_cell_data(spec, cells[0], domain=d) for d in domains}
-    from .train import make_accelerator  # imports torch
+    from .runner import check_layer_selection
+
+    check_layer_selection(spec, cells)  # imports torch
+    from .train import make_accelerator
 
     accelerator = make_accelerator(spec.train.precision, spec.train.grad_accum_steps)
     main = accelerator.is_main_process

@@ -178,3 +178,20 @@ def test_processes_claiming_one_cell_at_once_elect_one(tmp_path: Path, start: st
     assert cells[0].info.status == "FINISHED"
     if old is not None:
         assert winners[0][1] == old, "the killed run is continued, not duplicated"
+
+
+def test_ctrl_c_while_settling_leaves_no_run_running(store, monkeypatch) -> None:
+    """An interrupt during the settle wait of a claim or of a new study's parent ends what was created KILLED."""
+    exp, parent = store
+
+    def interrupted(_seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "SETTLE_S", 1.0)
+    monkeypatch.setattr(tracking.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.claim_cell_run(exp, parent, CELL, {tracking.TAG_DATA: "d"})
+    assert [r.info.status for r in _active(exp)] == ["KILLED"]
+    with pytest.raises(KeyboardInterrupt):
+        tracking.study_parent(exp, "another-study", {})
+    assert [r.info.status for r in tracking._study_parents(exp, "another-study")] == ["KILLED"]

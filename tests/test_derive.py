@@ -421,3 +421,15 @@ def test_write_split_rejects_bad_manifest_values(tmp_path):
     with pytest.raises(ValueError, match="nan"):
         write_split(tmp_path / "x", make_split(), {"rate": float("nan")})
     assert not (tmp_path / "x").exists() and os.listdir(tmp_path) == []
+
+
+def test_written_splits_have_the_umask_permissions(digits_train, tmp_path):
+    """A split is built in a private temporary folder, then published with the modes mkdir/open would give
+    (readable by the lab on a shared disk), not mkdtemp's 0700."""
+    old = os.umask(0o022)
+    try:
+        out = write_split(tmp_path / "split", digits_train, {"transform": "none"})
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}

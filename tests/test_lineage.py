@@ -40,6 +40,7 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     assert "data/derived/digits_noise/symmetric-0.2" in out and "derived: symmetric level 0.2 seed 0" in out
     assert "from:" in out and "data/embedded/digits/train" in out, "the chain goes down to the embedded raw split"
     assert "[changed]" not in out, "the overrides are part of the recorded spec"
+    assert "with overrides: --set train.epochs=1 --set models=[resnet8]" in out, out
     info = json.loads(pnc(["lineage", run_id, "--json"], tmp_path).stdout)
     assert info["consistent"] and info["inputs"][0]["check"]["base"]["status"] == "ok"
 
@@ -53,6 +54,11 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "data/embedded/digits/test")
     missing = pnc(["lineage", run_id, "--json"], tmp_path)
     assert missing.returncode == 1 and any("does not exist" in p for p in json.loads(missing.stdout)["problems"])
+    assert any("`pnc embed digits`" in p for p in json.loads(missing.stdout)["problems"]), "the quick fix, not the whole pipeline"
+    spec = tmp_path / "specs/digits_noise.yaml"
+    spec.write_text(spec.read_text().replace("batch_size: 128", "batch_size: 64"))
+    changed = pnc(["lineage", run_id], tmp_path)
+    assert "[changed]" in changed.stdout and "the spec file changed since the run" in changed.stdout, changed.stdout
 
     t = pnc(["run", "specs/digits_transfer.yaml", "--set", "train.epochs=1", "--set", "models=[resnet14]", "--set", "transfer.sources=[handwritten]",
              "--set", "transfer.targets=[typeset]"], tmp_path)

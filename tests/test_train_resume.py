@@ -67,3 +67,26 @@ def test_epoch_is_passed_to_workers_through_the_sampler_keys() -> None:
     assert i0 == i2 == 3 and int(y0[0]) == int(y2[0])
     assert torch.equal(x_e2, ds.augment(ds._load(3), ds.augment.generator(2, 3)))
     assert torch.equal(x_e0, ds.augment(ds._load(3), ds.augment.generator(0, 3)))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path) -> None:
+    """A cell's checkpoint left by another run (other data, another MLflow store) is ignored: training starts over."""
+    tspec = TrainSpec(epochs=2, batch_size=32, seed=3, optimizer={"lr": 0.05})
+    ds = ImageDataset(_split(), image_size=12, channels=1)
+    acc = make_accelerator("fp32", 1)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("resnet8", num_classes=4, in_chans=1, image_size=12)
+
+    ckpt = tmp_path / "cell.pt"
+    train(model(), ds, tspec.model_copy(update={"epochs": 1}), accelerator=acc, checkpoint=ckpt, progress=False,
+          extra_state={"run_id": "run-A"})
+    mine = train(model(), ds, tspec, accelerator=acc, checkpoint=ckpt, progress=False, extra_state={"run_id": "run-B"})
+    assert mine.resumed_from is None, "started over"
+    same = train(model(), ds, tspec, accelerator=acc, checkpoint=tmp_path / "other.pt", progress=False,
+                 extra_state={"run_id": "run-C"})
+    assert mine.loss == same.loss
+    resumed = train(model(), ds, tspec.model_copy(update={"epochs": 3}), accelerator=acc, checkpoint=ckpt, progress=False,
+                    extra_state={"run_id": "run-B"})
+    assert resumed.resumed_from == 2, "its own checkpoint is resumed"

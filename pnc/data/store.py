@@ -141,6 +141,7 @@ def write_split(dir: str | Path, split: ImageSplit, manifest: Mapping[str, Any])
             digest=_digest_of(files),
         )
         _save_bytes(tmp / MANIFEST, _dump_json(full))
+        _umask_permissions(tmp)
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rmdir(old)
@@ -156,6 +157,17 @@ def write_split(dir: str | Path, split: ImageSplit, manifest: Mapping[str, Any])
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _umask_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders: give the folder and its files the modes a plain mkdir/open would (the umask's),
+    so that a split written on a shared lab disk is readable by the lab."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def _load_npy(path: Path) -> np.ndarray:

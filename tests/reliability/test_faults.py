@@ -213,3 +213,15 @@ def test_data_fault_stops_before_torch_model_or_mlflow(tmp_path: Path, fault, ne
     assert not (d / "mlflow.db").exists() and not (d / "mlruns").exists(), "no MLflow store, experiment or run was created"
     assert not (d / ".pnc" / "checkpoints").exists()
     assert wall < 30, f"the data check took {wall:.1f}s"
+
+
+@pytest.mark.parametrize("spec", ["digits_depth", "digits_transfer"])
+def test_layer_selection_that_taps_nothing_stops_before_training(tmp_path: Path, spec: str) -> None:
+    """`measure.layers` matching no module of some model of the study: exit 1 naming the modules that exist,
+    before any network trains, any MLflow run starts or any checkpoint is written."""
+    d = _project(tmp_path)
+    r = pnc(["run", f"specs/{spec}.yaml", "--set", "models=[resnet8, resnet14]", "--set", "measure.layers=['layer3.2']"], d)
+    assert r.returncode == 1, r.stderr
+    assert "layer pattern 'layer3.2'" in r.stderr and "matches no module of CifarResNet" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "done in" not in r.stderr and "trained in" not in r.stderr
+    assert not (d / "mlflow.db").exists() and not (d / ".pnc" / "checkpoints").exists()

@@ -283,7 +283,8 @@ def test_report_interrupted_between_the_two_renames_restores_previous(finished: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigint_during_pnc_report_keeps_previous_report(finished: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_sigint_during_pnc_report_keeps_previous_report(finished: Path, tmp_path: Path, sig: int) -> None:
     # The signal must land while the new report is being drawn. On a fast, quiet machine the rest of the
     # report can finish between the first chart and the signal (or a library call can swallow it); such
     # an attempt proves nothing, so it is repeated (at most 3 times) rather than counted.
@@ -300,7 +301,7 @@ def test_sigint_during_pnc_report_keeps_previous_report(finished: Path, tmp_path
                and p.poll() is None and time.time() < deadline):
             time.sleep(0.005)
         assert p.poll() is None, "pnc report ended before its first chart was written"
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=180)
         if p.returncode == 0:
             continue  # finished before the signal took effect: try again
@@ -309,7 +310,7 @@ def test_sigint_during_pnc_report_keeps_previous_report(finished: Path, tmp_path
         assert _snapshot(out / "digits_depth") == before
         assert _tmp_dirs(out) == []
         return
-    pytest.fail("pnc report finished before SIGINT took effect in 3 attempts")
+    pytest.fail(f"pnc report finished before {signal.Signals(sig).name} took effect in 3 attempts")
 
 
 # ------------------------------------------------------------------------------------------ dvc repro
