@@ -444,7 +444,7 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
                 out.append((("noise", "label", i, "kind"), f"label noise {ln.kind!r} exists only for {', '.join(allowed)}, not {info.name}"))
             elif ln.kind == "human":
                 for j, s in enumerate(ln.label_sets):
-                    if s not in info.label_sets:
+                    if s is not None and s not in info.label_sets:
                         out.append((("noise", "label", i, "label_sets", j), f"{info.name} has no human label set {s!r}.{did_you_mean(s, info.label_sets)}"))
         kinds = [ln.kind for ln in noise.label if ln.kind is not None]
         for k in sorted({k for k in kinds if kinds.count(k) > 1}):
@@ -469,7 +469,7 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
         else:
             for key in ("sources", "targets"):
                 for j, d in enumerate(getattr(spec.transfer, key)):
-                    if d not in info.domains:
+                    if d is not None and d not in info.domains:
                         out.append((("transfer", key, j), f"unknown domain {d!r} of {info.name}.{did_you_mean(d, info.domains)}"))
     return out
 
@@ -483,6 +483,11 @@ def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
     names = [n for n in names if isinstance(n, str)]
     dups = sorted({n for n in names if names.count(n) > 1})
     return [(("models",), f"duplicate models: {', '.join(dups)}")] if dups else []
+
+
+def _strings(v: Any) -> list[str | None]:
+    """The entries of a raw list that are strings (others None, keeping indices); [] for anything but a list."""
+    return [x if isinstance(x, str) else None for x in v] if isinstance(v, list) else []
 
 
 def _partial_spec(data: dict) -> Any | None:
@@ -520,14 +525,25 @@ def _partial_spec(data: dict) -> Any | None:
             try:
                 label.append(label_adapter.validate_python(entry))
             except ValidationError:
-                label.append(SimpleNamespace(kind=None))  # keeps indices; matches no rule
+                # keeps indices; an entry that fails for another reason (a duplicate label set, a bad rate) still
+                # has its kind and label set names checked
+                kind = entry.get("kind") if isinstance(entry, dict) else None
+                sets = entry.get("label_sets") if isinstance(entry, dict) else None
+                label.append(SimpleNamespace(kind=kind if isinstance(kind, str) and kind in catalog.LABEL_NOISE_KINDS else None,
+                                             label_sets=_strings(sets)))
         for entry in raw.get("input") if isinstance(raw.get("input"), list) else []:
             try:
                 inputs.append(InputNoiseSpec.model_validate(entry))
             except ValidationError:
-                inputs.append(SimpleNamespace(corruption=None))
+                corruption = entry.get("corruption") if isinstance(entry, dict) else None
+                inputs.append(SimpleNamespace(corruption=corruption if isinstance(corruption, str)
+                                              and corruption in catalog.CORRUPTIONS else None))
         noise = SimpleNamespace(label=label, input=inputs, corrupted_test=raw.get("corrupted_test") is True)
-    transfer = block(TransferSpec, "transfer") if data.get("kind") == "domain_transfer" else None
+    transfer = None
+    if data.get("kind") == "domain_transfer" and isinstance(data.get("transfer"), dict):
+        # sources and targets on their own: an empty or duplicated list must not hide an unknown domain in the other
+        raw = data["transfer"]
+        transfer = SimpleNamespace(sources=_strings(raw.get("sources")), targets=_strings(raw.get("targets")))
     return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], noise=noise, transfer=transfer)
 
 
@@ -565,27 +581,35 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
     (of the key itself rather than its value when ``at_key``)."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+    def pos(get: Any, *args: Any) -> tuple[int, int] | None:
+        try:  # a node added by --set (a plain dict or a CommentedMap built in memory) has no positions
+            ln, cl = get(*args)
+            return (ln + 1, cl + 1) if isinstance(ln, int) and isinstance(cl, int) else None
+        except Exception:  # noqa: BLE001 - positions are best effort
+            return None
+
     line, col = 1, 1
     node = doc
-    if hasattr(doc, "lc") and doc.lc.line is not None:
-        line, col = doc.lc.line + 1, doc.lc.col + 1
+    root = pos(lambda: (doc.lc.line, doc.lc.col)) if hasattr(doc, "lc") else None
+    if root:
+        line, col = root
     for depth, key in enumerate(loc):
         last_key = at_key and depth == len(loc) - 1
         if isinstance(node, CommentedMap) and key in node:
-            ln, cl = node.lc.key(key)
-            line, col = ln + 1, cl + 1
+            at = pos(node.lc.key, key)
+            if at is None:  # stop at the nearest ancestor that has a position
+                break
+            line, col = at
             child = node[key]
             # point at the value when it is a scalar on the same line
             if not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
-                try:
-                    vl, vc = node.lc.value(key)
-                    line, col = vl + 1, vc + 1
-                except Exception:  # noqa: BLE001 - positions are best effort
-                    pass
+                line, col = pos(node.lc.value, key) or (line, col)
             node = child
         elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
-            ln, cl = node.lc.item(key)
-            line, col = ln + 1, cl + 1
+            at = pos(node.lc.item, key)
+            if at is None:
+                break
+            line, col = at
             node = node[key]
         else:
             break
@@ -610,7 +634,8 @@ def _clean_loc(loc: tuple) -> tuple:
 def _dotted(loc: tuple) -> str:
     s = ""
     for part in loc:
-        s += f"[{part}]" if isinstance(part, int) else (f".{part}" if s else str(part))
+        part = part if isinstance(part, int) else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(part))
+        s += f"[{part}]" if isinstance(part, int) else (f".{part}" if s else part)
     return s
 
 
@@ -730,14 +755,33 @@ def read_spec_text(path: str | Path) -> str:
         raise SpecError([Problem(str(path), line, 1, "", "not UTF-8 text; save the spec as UTF-8")]) from None
 
 
-def _set_path(doc: Any, dotted: str, value: Any, override: str) -> None:
+_SEGMENT_RE = re.compile(r"^([^.\[\]]+)?((?:\[\d+\])*)$")
+
+
+def _parse_key(key: str, override: str) -> tuple:
+    """``train.optimizer.lr`` / ``models[1].name`` -> ('train', 'optimizer', 'lr') / ('models', 1, 'name')."""
+    usage = "expected key.path=value, e.g. train.epochs=1"
+    if not key:
+        raise PncError(f"--set {override}: empty key path; {usage}")
+    parts: list[Any] = []
+    for seg in key.split("."):
+        if not seg.strip():
+            raise PncError(f"--set {override}: empty key segment; {usage}")
+        m = _SEGMENT_RE.match(seg.strip())
+        if m is None or (not parts and not m.group(1)):
+            raise PncError(f"--set {override}: malformed key segment {seg!r} (a key name, optionally followed by "
+                           f"[index]); {usage}")
+        if m.group(1):
+            parts.append(m.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    return tuple(parts)
+
+
+def _set_path(doc: Any, parts: tuple, value: Any, override: str) -> tuple | None:
+    """Set ``parts`` to ``value`` in ``doc``; returns the location of the first mapping it had to create (or None)."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    parts: list[Any] = []
-    for tok in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
-        parts.append(int(tok[1:-1]) if tok.startswith("[") else tok)
-    if not parts:
-        raise PncError(f"--set {override}: empty key path; write --set key.path=value, e.g. --set train.epochs=1")
+    created: tuple | None = None
     node = doc
     for i, part in enumerate(parts[:-1]):
         if isinstance(part, int):
@@ -746,9 +790,12 @@ def _set_path(doc: Any, dotted: str, value: Any, override: str) -> None:
             node = node[part]
         else:
             if not isinstance(node, dict):
-                raise PncError(f"--set {override}: {_dotted(tuple(parts[:i]))} is not a mapping")
+                what = _dotted(tuple(parts[:i]))
+                raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
             if part not in node or node[part] is None:
                 node[part] = CommentedMap()
+                if created is None:
+                    created = tuple(parts[: i + 1])
             node = node[part]
     last = parts[-1]
     if isinstance(last, int):
@@ -757,27 +804,37 @@ def _set_path(doc: Any, dotted: str, value: Any, override: str) -> None:
         node[last] = value
     else:
         if not isinstance(node, dict):
-            raise PncError(f"--set {override}: {_dotted(tuple(parts[:-1]))} is not a mapping")
+            what = _dotted(tuple(parts[:-1]))
+            raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
         node[last] = value
+    return created
 
 
 def apply_overrides(doc: Any, overrides: list[str]) -> dict[tuple, str]:
-    """Apply ``key.path=value`` overrides (value parsed as YAML) in place; returns loc -> override text."""
+    """Apply ``key.path=value`` overrides (value parsed as YAML) in place; returns loc -> override text.
+
+    The result also maps the location of every mapping an override created (``--set foo.bar=1`` creates ``foo``)
+    to that override: a problem there has no position in the file and is reported as the override."""
     from ruamel.yaml.error import YAMLError
 
     applied: dict[tuple, str] = {}
-    for ov in overrides:
-        if "=" not in ov:
+    for raw_ov in overrides:
+        # the override as messages echo it: control characters and line breaks escaped, one message one line
+        ov = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in raw_ov)
+        if "=" not in raw_ov:
             raise PncError(f"--set {ov}: expected key.path=value, e.g. --set train.epochs=1")
-        key, _, text = ov.partition("=")
-        key = key.strip()
+        key, _, text = raw_ov.partition("=")
+        loc = _parse_key(key.strip(), ov)
         try:
             value = _yaml().load(io.StringIO(text)) if text.strip() else None
         except YAMLError as e:
             raise PncError(f"--set {ov}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
-        _set_path(doc, key, value, ov)
-        loc = tuple(int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key))
+        except RecursionError:
+            raise PncError(f"--set {ov}: the value is not valid YAML (nesting too deep)") from None
+        created = _set_path(doc, loc, value, ov)
         applied[loc] = ov
+        if created is not None:
+            applied.setdefault(created, ov)
     return applied
 
 
@@ -792,9 +849,11 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
     data = _to_plain(doc)
 
     def problem(loc: tuple, msg: str, at_key: bool = False) -> Problem:
-        for oloc, text in overrides.items():
-            if loc[: len(oloc)] == oloc:
-                return Problem(f"--set {text}", 0, 0, _dotted(loc), msg)
+        # the longest (most specific) override location that holds ``loc``: its problem is the override's
+        hits = [(oloc, text) for oloc, text in overrides.items() if loc[: len(oloc)] == oloc]
+        if hits:
+            text = max(hits, key=lambda h: len(h[0]))[1]
+            return Problem(f"{file}: --set {text}", 0, 0, _dotted(loc), msg)
         line, col = _position(doc, loc, at_key)
         return Problem(file, line, col, _dotted(loc), msg)
 
@@ -832,9 +891,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
     file = str(path)
     text = read_spec_text(path)
     doc = parse_yaml_text(text, file)
+    if overrides and not isinstance(doc, dict):
+        validate_document(doc, file)  # an empty or non-mapping document: its own message, before any override
     applied = apply_overrides(doc, overrides) if overrides else {}
-    if applied and doc is not None and not isinstance(doc, dict):
-        raise SpecError([Problem(file, 1, 1, "", "the document must be a mapping to apply --set overrides")])
     return validate_document(doc, file, applied)
 
 

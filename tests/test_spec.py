@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pnc import catalog
-from pnc.errors import SpecError
+from pnc.errors import PncError, SpecError
 from pnc.spec import SCHEMA_LINE_PREFIX, SCHEMA_PATH, json_schema_text, load_spec, spec_digest
 from pnc.study import expand, noise_settings
 
@@ -178,6 +178,25 @@ probe: {samples_per_class: 10}
 """
 
 
+def test_unknown_domain_is_reported_with_an_empty_domain_list(tmp_path: Path) -> None:
+    text = TRANSFER.replace("[Art, Clipart]", "[foo]").replace("[Prodcut, Real_World]", "[]")
+    found = problems(write(tmp_path, text))
+    assert any(p.startswith("s.yaml:7:") and "transfer.targets: List should have at least 1 item" in p for p in found), found
+    assert any(p.startswith("s.yaml:6:13: transfer.sources[0]: unknown domain 'foo' of office_home.") for p in found), found
+    dup = TRANSFER.replace("[Art, Clipart]", "[Art, Art]")  # a duplicate source hides no unknown target
+    found = problems(write(tmp_path, dup))
+    assert any("transfer.sources: duplicate entries: Art" in p for p in found), found
+    assert any("transfer.targets[0]: unknown domain 'Prodcut'" in p for p in found), found
+
+
+def test_unknown_label_set_is_reported_with_a_duplicate_one(tmp_path: Path) -> None:
+    text = NOISE.replace("name: digits", "name: cifar10").replace("[aggre]", "[aggre, worst, aggre]")
+    found = problems(write(tmp_path, text))
+    assert any("noise.label[1].label_sets: duplicate entries: aggre" in p for p in found), found
+    assert any(p.startswith("s.yaml:8:") and "noise.label[1].label_sets[1]: cifar10 has no human label set 'worst'. "
+               "Did you mean 'worse'?" in p for p in found), found
+
+
 def test_transfer_domain_did_you_mean(tmp_path: Path) -> None:
     found = problems(write(tmp_path, TRANSFER))
     assert found == ["s.yaml:7:13: transfer.targets[0]: unknown domain 'Prodcut' of office_home. Did you mean 'Product'? "
@@ -207,7 +226,46 @@ def test_overrides_parse_yaml_and_name_themselves(tmp_path: Path) -> None:
     spec = load_spec(path, ["train.epochs=1", "models=[resnet8]", "train.optimizer.lr=0.01"])
     assert spec.train.epochs == 1 and [m.name for m in spec.models] == ["resnet8"] and spec.train.optimizer.lr == 0.01
     found = problems(path, ["train.epochs=abc"])
-    assert found == ["--set train.epochs=abc: train.epochs: Input should be a valid integer, unable to parse string as an integer (got 'abc')"]
+    assert found == ["s.yaml: --set train.epochs=abc: train.epochs: Input should be a valid integer, unable to parse string as an integer (got 'abc')"]
+
+
+TOP_KEYS = "Available: dataset, description, kind, measure, models, name, probe, tracking, train."
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("foo.bar=1", f"s.yaml: --set foo.bar=1: foo: unknown key 'foo'. {TOP_KEYS}"),
+    ("noise.seed=1", f"s.yaml: --set noise.seed=1: noise: unknown key 'noise'. {TOP_KEYS}"),
+    ("train.foo.bar=1", "s.yaml: --set train.foo.bar=1: train.foo: unknown key 'foo'."),
+    ("dataset.extra.deep.x=1", "s.yaml: --set dataset.extra.deep.x=1: dataset.extra: unknown key 'extra'."),
+])
+def test_overrides_that_create_mappings_are_reported_as_the_override(tmp_path: Path, override: str, expected: str) -> None:
+    """Problems at a mapping an override created have no position in the file: they are the override's."""
+    found = problems(write(tmp_path, GOOD), [override])
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+@pytest.mark.parametrize("key", ["a..b", ".x", "x.", "train..epochs", "."])
+def test_override_keys_with_empty_segments_are_rejected(tmp_path: Path, key: str) -> None:
+    with pytest.raises(PncError) as e:
+        load_spec(write(tmp_path, GOOD), [f"{key}=1"])
+    assert str(e.value) == f"--set {key}=1: empty key segment; expected key.path=value, e.g. train.epochs=1"
+
+
+def test_overrides_on_several_files_report_every_file(tmp_path: Path) -> None:
+    a, b = write(tmp_path, GOOD, "a.yaml"), write(tmp_path, NOISE, "b.yaml")
+    for override, expect in [("foo.bar=1", "--set foo.bar=1: foo: unknown key 'foo'"),
+                             ("a..b=1", "--set a..b=1: empty key segment"),
+                             ("noise.seed=1", None),
+                             ("train.epochs=abc", "--set train.epochs=abc: train.epochs: Input should be a valid integer")]:
+        r = subprocess.run([sys.executable, "-m", "pnc.cli", "validate", str(a), str(b), "--set", override],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "0 valid, 2 invalid" in r.stderr or (override == "noise.seed=1" and "1 valid, 1 invalid" in r.stderr), r.stderr
+        if expect is None:  # depth_sweep has no noise block; the noise_sweep b.yaml is still checked (its own problems)
+            assert f"{a}: --set noise.seed=1: noise: unknown key 'noise'" in r.stderr, r.stderr
+            continue
+        for f in (a, b):
+            assert any(line.startswith(f"{f}") and expect in line for line in r.stderr.splitlines()), (f, r.stderr)
 
 
 def test_cells_and_ids_are_stable(tmp_path: Path) -> None:

@@ -131,6 +131,38 @@ def test_mutated_specs_fail_cleanly(tmp_path_factory, text: str) -> None:
     assert rc_run == 1 and "Traceback" not in err_run and POSITION.search(err_run), err_run
 
 
+KEY_PARTS = st.one_of(st.sampled_from(["train", "epochs", "noise", "seed", "foo", "models", "name", "dataset", "transfer",
+                                         "label", "[0]", "[7]", "", " ", "a[1]", "x]", "[", "kind", "ñ",
+                                         "a\x85b", "\u2028", "\t"]),
+                      st.text(alphabet="ab.[]0 =", max_size=4))
+SET_VALUES = st.one_of(st.sampled_from(["1", "abc", "", "[]", "{}", "[resnet8]", "{a: 1}", "null", "{", "- x", "a: b: c",
+                                        "!!binary x", "&a *b", "1e999", "domain_transfer", "[[[[", "'"]),
+                       st.text(max_size=8))
+
+
+@st.composite
+def override(draw) -> tuple[str, str]:
+    path = draw(st.sampled_from(SPECS))
+    doc = YAML().load(path.read_text())
+    real = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in draw(st.sampled_from([q for q in _paths(doc) if q])))
+    real = real.replace(".[", "[")
+    key = draw(st.one_of(st.just(real), st.lists(KEY_PARTS, min_size=1, max_size=4).map(".".join),
+                         st.builds(lambda a, b: f"{a}.{b}", st.just(real), KEY_PARTS)))
+    return str(path), f"{key}={draw(SET_VALUES)}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=override(), other=st.sampled_from(SPECS))
+def test_fuzzed_overrides_fail_cleanly(case: tuple[str, str], other: Path) -> None:
+    """Any --set on any spec: exit 0 or 1, every message names its file, and a second file is still checked."""
+    path, ov = case
+    rc, err = _cli(["validate", path, str(other), "--set", ov])
+    assert rc in (0, 1) and "internal error" not in err and "Traceback" not in err, (ov, err)
+    lines = [line for line in err.splitlines() if not re.match(r"^\d+ valid, \d+ invalid$", line)]
+    assert all(line.startswith((path, str(other))) for line in lines), (ov, err)
+    assert re.search(r"^\d+ valid, \d+ invalid$", err, re.M) or rc == 0, (ov, err)
+
+
 @pytest.mark.parametrize("content", ["\x00\x01\x02", "\ufeffkind: depth_sweep\n", "a: b: c\n", "---\n---\n", "kind: !!binary x\n",
                                      "kind: depth_sweep\nname: ok\ndataset: {name: digits}\nmodels: [resnet8]\ntrain: {epochs: 1e400}\n"])
 def test_odd_files(tmp_path: Path, content: str) -> None:
