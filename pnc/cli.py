@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("specs", nargs="*", metavar="SPEC")
     rep.add_argument("--out", default="reports", help="reports folder (default: reports)")
     rep.add_argument("--index", action="store_true", help="(re)write reports/index.html linking every study's report")
+    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="the overrides the study was run with (`pnc run SPEC --set ...`): report exactly those cells")
 
     d = sub.add_parser("derive", help="materialise the derived (noisy/corrupted) splits a study needs (a DVC stage)")
     d.add_argument("spec", metavar="SPEC")
@@ -166,7 +168,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import render_index, render_study
 
     for f in args.specs:
-        spec = load_spec(f)
+        spec = load_spec(f, args.overrides)
         out = render_study(spec, Path(args.out))
         print(f"{spec.name}: report written to {out}")
     if args.index or args.specs:
@@ -218,13 +220,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_estimate_noise(args: argparse.Namespace) -> int:
     from .report import estimate_noise_for_run
 
-    rows = estimate_noise_for_run(args.run_id, args.calibration)
+    rows = estimate_noise_for_run(args.run_id, args.calibration, echo=False)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        print(f"{r['calibration']}: {r['kind']} noise level ~ {r['estimate']:.3f} (map fitted on levels "
-              f"{', '.join(f'{x:g}' for x in r['levels'])}; leave-one-level-out error {r['loo_mae']:.3f})")
+        print(f"{r['calibration']}: {r['kind']} noise level ~ {r['estimate']:g} (map fitted on levels "
+              f"{', '.join(f'{x:g}' for x in r['levels'])}; leave-one-level-out error {r['loo_mae']:.3g})")
+        for w in r.get("warnings") or []:
+            print(f"  warning: {w}")
     return 0
 
 

@@ -12,12 +12,15 @@ import pandas as pd
 from .errors import PncError
 
 
-def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
+def render_transfer(spec: Any, folder: Path, sel: Any = None) -> list[tuple[str, str]]:
+    """The report's sections; ``sel`` (a :class:`pnc.report.RunSelection`) picks the runs of the spec's cells."""
     import altair as alt
 
-    from .report import TRANSFER_KEYS, _figure, _save, _table, _where, layer_frame, study_summary
+    from .report import (TRANSFER_KEYS, RunSelection, _figure, _save, _table, _where, layer_frame, model_order, run_frame,
+                         study_summary)
 
-    df = layer_frame(spec.experiment, [k for k, _, _ in TRANSFER_KEYS], role="transfer")
+    sel = sel if sel is not None else RunSelection(spec, fallback=True)
+    df = layer_frame(spec.experiment, [k for k, _, _ in TRANSFER_KEYS], role="transfer", runs=sel)
     if df.empty:
         raise PncError(f"no finished transfer runs of study {spec.name!r} in MLflow ({_where()}); run `pnc run` or `dvc repro` first")
     sources = list(spec.transfer.sources)
@@ -30,7 +33,7 @@ def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
             if log:
                 d = d[d.value > 0]
             several = df.model.nunique() > 1
-            models = sorted(df.model.unique(), key=lambda m: (len(m), m))  # resnet8 before resnet14
+            models = model_order(df.model.unique())  # resnet8 before resnet14
             base = alt.Chart(d).encode(
                 x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
                 y=alt.Y("value:Q", title=title, scale=alt.Scale(type="log") if log else alt.Undefined),
@@ -51,7 +54,7 @@ def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
     final = probe.sort_values("layer").groupby(["model", "source", "target"]).agg(final=("value", "last"), best=("value", "max")).reset_index()
     heat_rows = []
     scale = alt.Scale(scheme="viridis", domain=[float(min(final.final.min(), final.best.min())), 1.0])
-    for model in sorted(final.model.unique(), key=lambda m: (len(m), m)):  # one row of heatmaps per model
+    for model in model_order(final.model.unique()):  # one row of heatmaps per model
         heat = []
         for col, title in (("final", "final-layer probe accuracy"), ("best", "best-layer probe accuracy")):
             base = alt.Chart(final[final.model == model]).encode(x=alt.X("target:N", sort=list(spec.transfer.targets)),
@@ -63,9 +66,15 @@ def render_transfer(spec: Any, folder: Path) -> list[tuple[str, str]]:
         heat_rows.append(alt.hconcat(*heat))
     _save(alt.vconcat(*heat_rows), folder, "heatmap")
     sections.append(("Source x target probe accuracy", _figure("heatmap")))
+    if sel.resolved("transfer"):  # the runs drawn above, with the settings they were trained with
+        runs = run_frame(spec.experiment, role="transfer", runs=sel)
+        cols = [c for c in ["pnc.model", "source", "target", "epochs", "overrides", "final/probe_acc_target_test",
+                            "best/probe_acc_target_test"] if c in runs]
+        if {"pnc.model", "source", "target"} <= set(cols):
+            sections.append(("Target runs measured", _table(runs[cols])))
 
     # The correlation is computed once, by the same function and seed as the parent-run metrics.
-    corr = study_summary(spec)["details"].get("transfer") or {}
+    corr = study_summary(spec, sel)["details"].get("transfer") or {}
     long = pd.DataFrame([{"target": "pooled (ranks within target)", **r} for r in corr.get("pooled", [])]
                         + [{"target": t, **r} for t, rs in (corr.get("per_target") or {}).items() for r in rs])
     if long.empty:

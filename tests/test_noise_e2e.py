@@ -64,16 +64,23 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     assert est.returncode == 0, est.stderr
     rows = json.loads(est.stdout)
     assert {r["kind"] for r in rows} >= {"symmetric"} and all(r["model"] == "resnet8" for r in rows)
+    assert all(isinstance(r["warnings"], list) and len(r["calibrated_range"]) == 2 for r in rows)
 
     rep = pnc(["report", "specs/digits_noise.yaml"], tmp_path)
     assert rep.returncode == 0, rep.stderr
     page = (tmp_path / "reports/digits_noise/index.html").read_text()
     assert "Memorization layers" in page and "Noise-level estimation" in page
+    # the spec file's own cells (epochs 60, ...) never ran: the report says it shows the --set runs instead
+    assert "no runs of this spec&#x27;s exact cells" in page and "no runs of this spec's exact cells" in rep.stderr
     assert (tmp_path / "reports/digits_noise/noise_symmetric.png").exists()
+    exact = pnc(["report", "specs/digits_noise.yaml", *SETS], tmp_path)  # the run's overrides: its exact cells
+    assert exact.returncode == 0 and "no runs of this spec's exact cells" not in exact.stderr, exact.stderr
+    text = pnc(["estimate-noise", runs["symmetric:0.3"].info.run_id], tmp_path)
+    assert text.returncode == 0 and "symmetric noise level ~" in text.stdout, text.stdout + text.stderr
 
     cmp_ = pnc(["compare", "specs/digits_noise.yaml", "specs/digits_noise.yaml", "--metric", "nc2/train_noisy"], tmp_path)
     assert cmp_.returncode == 0, cmp_.stderr
-    assert (tmp_path / "reports/compare-digits_noise-digits_noise/compare.png").exists()
+    assert (tmp_path / "reports/compare-digits_noise-digits_noise-nc2_train_noisy/compare.png").exists()
     missing = pnc(["compare", "specs/digits_depth.yaml"], tmp_path)
     assert missing.returncode == 1 and "no finished runs" in missing.stderr
     # two different studies on one relative-depth axis: each with its own metric (cdnv/train, clean cdnv/train_noisy)
