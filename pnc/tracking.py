@@ -255,7 +255,7 @@ def _seconds(name: str, default: float) -> float:
 LEASE_S = _seconds("PNC_LEASE_S", 300.0)  # a holder silent for this long (other host) has died
 SETTLE_S = _seconds("PNC_CLAIM_SETTLE_S", 2.0)  # longer than a process takes from its check to its claim (at least)
 _TOKEN = uuid.uuid4().hex[:8]
-_BEATS: dict[str, threading.Event] = {}
+_BEATS: dict[str, tuple[threading.Event, threading.Thread]] = {}
 
 
 def owner_id() -> str:
@@ -359,7 +359,7 @@ def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
 
 def _heartbeat(run_id: str) -> None:
     """Refresh ``pnc.heartbeat`` on ``run_id`` every ``PNC_LEASE_S / 10`` seconds until :func:`end_run`."""
-    stop = _BEATS[run_id] = threading.Event()
+    stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(max(LEASE_S / 10, 0.05)):
@@ -368,7 +368,19 @@ def _heartbeat(run_id: str) -> None:
             except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
                 pass
 
-    threading.Thread(target=beat, name=f"pnc-heartbeat-{run_id[:8]}", daemon=True).start()
+    thread = threading.Thread(target=beat, name=f"pnc-heartbeat-{run_id[:8]}", daemon=True)
+    _BEATS[run_id] = (stop, thread)
+    thread.start()
+
+
+def _stop_heartbeat(run_id: str) -> None:
+    """Stop ``run_id``'s heartbeat and wait for a beat in flight, so nothing is written after the run ends."""
+    entry = _BEATS.pop(run_id, None)
+    if entry is not None:
+        stop, thread = entry
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=30)
 
 
 def busy_message(claim: Claim) -> str:
@@ -457,9 +469,7 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    stop = _BEATS.pop(run_id, None)
-    if stop is not None:
-        stop.set()
+    _stop_heartbeat(run_id)
     c = client()
     _retrying(lambda: c.set_terminated(run_id, status=status))
 

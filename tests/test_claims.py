@@ -29,9 +29,8 @@ def store(tmp_path: Path, monkeypatch):
     exp = tracking.experiment_id("claims")
     parent = tracking.study_parent(exp, "claims", {})
     yield exp, parent
-    for stop in list(tracking._BEATS.values()):
-        stop.set()
-    tracking._BEATS.clear()
+    for run_id in list(tracking._BEATS):
+        tracking._stop_heartbeat(run_id)
 
 
 def _held_run(exp: str, parent: str, owner: str, beat: float, status: str = "RUNNING") -> str:
