@@ -17,12 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from health import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -104,19 +105,7 @@ def test_mlflow_ui_shows_the_study_and_its_layer_curves(tmp_path: Path) -> None:
         ui = subprocess.Popen([sys.executable, "-m", "pnc.cli", "ui", "--port", str(port)], cwd=tmp_path, env=ui_env,
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            if ui.poll() is not None:
-                pytest.fail(f"`pnc ui` exited with {ui.returncode}:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as h:
-                    if h.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"`pnc ui` did not answer within 180s:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(ui, base, tmp_path / "ui.log", "`pnc ui`")
         profile = tmp_path / "chromium-profile"
         ids = [x.info.run_id for x in children]
 

@@ -14,10 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from health import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "specs/digits_transfer.yaml"
@@ -66,18 +67,7 @@ class MlflowServer:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"mlflow server did not answer /health within {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_healthy(self.proc, self.url, self.log, "mlflow server", timeout)
 
     def stop(self) -> None:
         stop(self.proc)
