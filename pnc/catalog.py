@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ CIFAR10C_CORRUPTIONS: tuple[str, ...] = (
     "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
 )
 MAX_SEVERITY = 5
+# Train share of a dataset without official splits (Office-Home domains, the digit domains' transfer splits).
+TRAIN_FRACTION = 0.8
 
 # pnc's CIFAR-style ResNets (He et al. 2016, sec. 4.2): depth 6n+2, widths 16/32/64.
 CIFAR_RESNET_DEPTHS: tuple[int, ...] = (8, 14, 20, 32, 44, 56, 110)
@@ -107,6 +110,17 @@ def model_source(name: str) -> str | None:
     if "." in name and name.split(".", 1)[0] in libs.get("timm", ()):  # timm names with a weights tag
         return "timm"
     return None
+
+
+def model_depth(name: str) -> int:
+    """The number in a model's name (resnet14 -> 14; 0 without one): models sort by depth, not as text."""
+    m = re.search(r"(\d+)", str(name))
+    return int(m.group(1)) if m else 0
+
+
+def model_order(models: Any) -> list[str]:
+    """Distinct model names, shallowest first (resnet8 before resnet14)."""
+    return sorted({str(m) for m in models}, key=lambda m: (model_depth(m), m))
 
 
 def all_model_names() -> list[str]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .catalog import TRAIN_FRACTION
 from .errors import PncError
 
 
@@ -90,7 +91,7 @@ def _raw_ref(src: dict, name: str, params: dict) -> dict:
         ref = {"dataset": _param(params, "dataset.name"), "root": _param(params, "dataset.root"),
                "domain": _param(params, "transfer.target") or _param(params, "transfer.source") or _param(params, "dataset.domain"),
                "split": name.rsplit("/", 1)[-1], "train_fraction": _param(params, "transfer.train_fraction")}
-    ref["train_fraction"] = float(ref["train_fraction"]) if ref.get("train_fraction") is not None else 0.8
+    ref["train_fraction"] = float(ref["train_fraction"]) if ref.get("train_fraction") is not None else TRAIN_FRACTION
     return ref
 
 
@@ -116,7 +117,7 @@ def _check_raw(path: str, logged: str | None, ref: dict, dvc: dict | None = None
         node.update(status="unknown", message="not a pnc split folder and no raw dataset to reload")
         return node
     from .data.cifar import dataset_root
-    from .data.registry import _raw_splits
+    from .data.registry import raw_splits
     from .spec import DatasetSpec
 
     folder = dataset_root(name, ref.get("root"))
@@ -135,7 +136,7 @@ def _check_raw(path: str, logged: str | None, ref: dict, dvc: dict | None = None
             _, corruption, severity = ref["split"].split(":")
             now = corrupted_test_split(ds, corruption, int(severity))[0].digest()
         else:
-            splits = _raw_splits(ds, ref.get("domain"), ref["train_fraction"])
+            splits = raw_splits(ds, ref.get("domain"), ref["train_fraction"])
             if ref["split"] not in splits:
                 raise PncError(f"{name} has no split {ref['split']!r}")
             now = splits[ref["split"]].digest()

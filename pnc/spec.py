@@ -1,7 +1,7 @@
 """The study spec language: pydantic models, YAML loading with line numbers, overrides.
 
-A study is one of ``depth_sweep``, ``noise_sweep`` or ``domain_transfer`` (discriminated on
-``kind``). Every default lives here, once. :func:`load_spec` validates a YAML file completely
+A study is one of the registered kinds (:data:`pnc.registry.KINDS`; each kind's spec class lives in its
+module under ``pnc/kinds/``), discriminated on ``kind``; the blocks every kind shares live here. :func:`load_spec` validates a YAML file completely
 and raises :class:`~pnc.errors.SpecError` listing every problem as ``FILE:LINE:COL: key.path:
 message``. Nothing after this module re-checks the spec.
 
@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -31,6 +32,7 @@ from pydantic import (
 
 from . import catalog
 from .errors import PncError, Problem, SpecError, did_you_mean
+from .registry import KINDS
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "study.schema.json"
 SCHEMA_LINE_PREFIX = "# yaml-language-server: $schema="
@@ -39,12 +41,12 @@ METRICS = ("cdnv", "nc1", "nc2", "ncc", "probe")
 _NAME_RE = r"^[a-z0-9][a-z0-9_\-]*$"
 
 
-class _Spec(BaseModel):
+class SpecBlock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 # ----------------------------------------------------------------------------- blocks
-class DatasetSpec(_Spec):
+class DatasetSpec(SpecBlock):
     """Which data a study trains and measures on."""
 
     name: str = Field(description="Dataset name: " + ", ".join(catalog.DATASETS))
@@ -78,7 +80,7 @@ class DatasetSpec(_Spec):
         return "test" if "test" in self.info.splits else self.info.splits[-1]
 
 
-class ModelSpec(_Spec):
+class ModelSpec(SpecBlock):
     """One network: a timm/torchvision name verbatim, or one of pnc's CIFAR ResNets (resnet8, resnet20, ...)."""
 
     name: str
@@ -115,7 +117,7 @@ def _model_entry(v: Any) -> Any:
 ModelEntry = Annotated[ModelSpec, BeforeValidator(_model_entry)]
 
 
-class OptimizerSpec(_Spec):
+class OptimizerSpec(SpecBlock):
     name: Literal["sgd", "adamw", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -123,20 +125,20 @@ class OptimizerSpec(_Spec):
     nesterov: bool = False
 
 
-class ScheduleSpec(_Spec):
+class ScheduleSpec(SpecBlock):
     name: Literal["cosine", "step", "constant"] = "step"
     step_size: int = Field(40, ge=1, description="Epochs between decays (step schedule).")
     gamma: float = Field(0.2, gt=0, le=1, description="Decay factor (step schedule).")
     warmup_epochs: int = Field(0, ge=0)
 
 
-class AugmentSpec(_Spec):
+class AugmentSpec(SpecBlock):
     random_crop: bool = False
     crop_padding: int = Field(4, ge=0, le=64)
     horizontal_flip: bool = False
 
 
-class TrainSpec(_Spec):
+class TrainSpec(SpecBlock):
     """Training recipe. Defaults: the neural-collapse recipe of Zhu et al. 2021 (SGD, momentum 0.9, lr 0.05,
     weight decay 5e-4, batch 128, 200 epochs, StepLR(40, 0.2), no augmentation: the terminal phase is reached
     sooner without it). The CIFAR specs set the common CIFAR recipe (lr 0.1, cosine, crop + flip) explicitly."""
@@ -153,7 +155,7 @@ class TrainSpec(_Spec):
     max_loss: float = Field(1e4, gt=0, description="A loss above this (or NaN) fails the cell as diverged.")
 
 
-class LayerSelection(_Spec):
+class LayerSelection(SpecBlock):
     """Tapped modules chosen by class name (``types``) and/or module-name glob pattern (``names``)."""
 
     types: list[str] = Field(default_factory=list, description="Module class names, e.g. BasicBlock, SwinTransformerBlock.")
@@ -163,8 +165,8 @@ class LayerSelection(_Spec):
     def _something(self) -> "LayerSelection":
         if not self.types and not self.names:
             raise ValueError("give at least one module class under 'types' or one name pattern under 'names'")
-        _no_duplicates(self.types)
-        _no_duplicates(self.names)
+        no_duplicates(self.types)
+        no_duplicates(self.names)
         return self
 
 
@@ -188,7 +190,7 @@ Layers = Annotated[
 ]
 
 
-class MeasureSpec(_Spec):
+class MeasureSpec(SpecBlock):
     """What is measured on every tapped layer."""
 
     layers: Layers = Field(
@@ -206,13 +208,13 @@ class MeasureSpec(_Spec):
         if isinstance(v, list):
             if not v:
                 raise ValueError("layer pattern list is empty: give at least one pattern, or 'blocks'")
-            _no_duplicates(v)
+            no_duplicates(v)
         return v
 
     @field_validator("metrics")
     @classmethod
     def _unique_metrics(cls, v: list[str]) -> list[str]:
-        return _no_duplicates(v)
+        return no_duplicates(v)
 
     @property
     def layer_selection(self) -> str | list[str] | dict[str, list[str]]:
@@ -222,7 +224,7 @@ class MeasureSpec(_Spec):
         return self.layers
 
 
-class ProbeSpec(_Spec):
+class ProbeSpec(SpecBlock):
     """Layer-wise linear probes: trained on the training split, scored on the test split."""
 
     kind: Literal["ridge", "logistic"] = "ridge"
@@ -231,12 +233,12 @@ class ProbeSpec(_Spec):
     samples_per_class: int | None = Field(None, ge=1, description="Target samples per class (domain_transfer only).")
 
 
-class TrackingSpec(_Spec):
+class TrackingSpec(SpecBlock):
     experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
     registered_model: str | None = Field(None, description="Model-registry name (domain_transfer); default: '<study>-<model>'.")
 
 
-def _no_duplicates(v: list) -> list:
+def no_duplicates(v: list) -> list:
     seen, dups = set(), []
     for x in v:
         key = json.dumps(x, sort_keys=True, default=str)
@@ -248,96 +250,10 @@ def _no_duplicates(v: list) -> list:
     return v
 
 
-# ----------------------------------------------------------------------------- noise
-class _RateNoiseSpec(_Spec):
-    rates: list[float] = Field(min_length=1)
-
-    @field_validator("rates")
-    @classmethod
-    def _rates(cls, v: list[float]) -> list[float]:
-        return _check_rates(v)
-
-
-class SymmetricNoiseSpec(_RateNoiseSpec):
-    """A fraction r of training samples gets a uniformly random label (Zhang et al. 2017)."""
-
-    kind: Literal["symmetric"]
-
-
-class ClassDependentNoiseSpec(_RateNoiseSpec):
-    """Each class flips with probability p to confusable classes (a seeded transition matrix)."""
-
-    kind: Literal["class_dependent"]
-
-
-class HumanNoiseSpec(_Spec):
-    """CIFAR-10N / CIFAR-100N human label sets."""
-
-    kind: Literal["human"]
-    label_sets: list[str] = Field(min_length=1)
-
-    @field_validator("label_sets")
-    @classmethod
-    def _sets(cls, v: list[str]) -> list[str]:
-        return _no_duplicates(v)
-
-
-def _check_rates(v: list[float]) -> list[float]:
-    bad = [r for r in v if not (0.0 <= r <= 1.0)]
-    if bad:
-        raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
-    return _no_duplicates(v)
-
-
-LabelNoiseSpec = Annotated[
-    Union[SymmetricNoiseSpec, ClassDependentNoiseSpec, HumanNoiseSpec], Field(discriminator="kind")
-]
-
-
-class InputNoiseSpec(_Spec):
-    """CIFAR-10-C corruption applied to training images; severity 0 = clean."""
-
-    corruption: str
-    severities: list[int] = Field(min_length=1)
-
-    @field_validator("corruption")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in catalog.CORRUPTIONS:
-            raise ValueError(f"unknown corruption {v!r}.{did_you_mean(v, catalog.CORRUPTIONS)}")
-        return v
-
-    @field_validator("severities")
-    @classmethod
-    def _sev(cls, v: list[int]) -> list[int]:
-        bad = [s for s in v if not (0 <= s <= catalog.MAX_SEVERITY)]
-        if bad:
-            raise ValueError(f"severities must lie in 0..{catalog.MAX_SEVERITY} (the published range); got {bad}")
-        return _no_duplicates(v)
-
-
-class NoiseSpec(_Spec):
-    label: list[LabelNoiseSpec] = Field(default_factory=list)
-    input: list[InputNoiseSpec] = Field(default_factory=list)
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every derived split.")
-    corrupted_test: bool = Field(
-        False, description="Also measure each corrupted-input cell on the published corrupted test set at its corruption "
-                           "and severity (CIFAR-10-C .npy files; cifar10 only): network and probe accuracy, NCC.")
-
-
-class TransferSpec(_Spec):
-    sources: list[str] = Field(min_length=1)
-    targets: list[str] = Field(min_length=1)
-    train_fraction: float = Field(0.8, gt=0, lt=1, description="Per-domain train share (datasets without official splits).")
-
-    @field_validator("sources", "targets")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        return _no_duplicates(v)
-
-
 # ----------------------------------------------------------------------------- studies
-class _StudySpec(_Spec):
+class StudySpecBase(SpecBlock):
+    """What every study kind has; a kind's spec class (in ``pnc/kinds/<kind>.py``) adds its ``kind`` literal and blocks."""
+
     name: str = Field(pattern=_NAME_RE, max_length=64, description="Study name (lower-case, digits, '_' or '-').")
     description: str = ""
     dataset: DatasetSpec
@@ -361,33 +277,15 @@ class _StudySpec(_Spec):
         return self.tracking.experiment or self.name
 
 
-class DepthSweepSpec(_StudySpec):
-    """Train a family of networks of increasing depth; measure every layer (paper sec. 4.1, Fig. 1)."""
-
-    kind: Literal["depth_sweep"]
-
-
-class NoiseSweepSpec(_StudySpec):
-    """Train on noisy labels or corrupted inputs; compare collapse on noisy vs clean data (sec. 4.2)."""
-
-    kind: Literal["noise_sweep"]
-    noise: NoiseSpec
-
-
-class DomainTransferSpec(_StudySpec):
-    """Train on source domains, measure and linearly probe on target domains (sec. 4.3, Fig. 3)."""
-
-    kind: Literal["domain_transfer"]
-    transfer: TransferSpec
-
-
-StudySpec = Annotated[Union[DepthSweepSpec, NoiseSweepSpec, DomainTransferSpec], Field(discriminator="kind")]
-_ADAPTER: TypeAdapter = TypeAdapter(StudySpec)
-KINDS = ("depth_sweep", "noise_sweep", "domain_transfer")
+@lru_cache(maxsize=1)
+def adapter() -> TypeAdapter:
+    """The spec language: the union of every registered kind's spec class, discriminated on ``kind``."""
+    classes = tuple(k.spec_class for k in KINDS.all())
+    return TypeAdapter(Annotated[Union[classes], Field(discriminator="kind")])
 
 
 def json_schema() -> dict:
-    schema = _ADAPTER.json_schema()
+    schema = adapter().json_schema()
     # a model entry is a bare name or a mapping (the BeforeValidator turns names into mappings)
     for name, d in schema.get("$defs", {}).items():
         models = d.get("properties", {}).get("models")
@@ -403,25 +301,33 @@ def json_schema_text() -> str:
 
 
 # ----------------------------------------------------------------------------- cross-field rules
-def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
-    """Rules that involve more than one field. Returns (loc, message) pairs."""
+def kinds_where(attr: str) -> list[str]:
+    """The registered study kinds whose kind object has ``attr`` true (e.g. ``domains_in_spec``)."""
+    return [k.name for k in KINDS.all() if getattr(k, attr)]
+
+
+def semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
+    """Rules that involve more than one field: the common ones here, the kind's own from its ``rules``.
+    Returns (loc, message) pairs. ``spec`` may be a partial spec (the valid blocks of an invalid one)."""
     out: list[tuple[tuple, str]] = []
+    kind = KINDS.get(spec.kind)
     info = spec.dataset.info
     if spec.dataset.train_split not in info.splits:
         out.append((("dataset", "train_split"), f"{info.name} has no split {spec.dataset.train_split!r}.{did_you_mean(spec.dataset.train_split, info.splits)}"))
     if spec.dataset.test_split is not None and spec.dataset.test_split not in info.splits:
         out.append((("dataset", "test_split"), f"{info.name} has no split {spec.dataset.test_split!r}.{did_you_mean(spec.dataset.test_split, info.splits)}"))
     if spec.dataset.domain is not None:
-        if spec.kind == "domain_transfer":
-            out.append((("dataset", "domain"), "a domain_transfer study names its domains under transfer.sources/targets, not dataset.domain"))
+        if kind.domains_in_spec:
+            out.append((("dataset", "domain"), f"a {kind.name} study names its domains under {kind.domains_in_spec}, not dataset.domain"))
         elif not info.domains:
             out.append((("dataset", "domain"), f"{info.name} has no domains; remove dataset.domain"))
         elif spec.dataset.domain not in info.domains:
             out.append((("dataset", "domain"), f"unknown domain {spec.dataset.domain!r} of {info.name}.{did_you_mean(spec.dataset.domain, info.domains)}"))
-    elif info.domains and spec.kind != "domain_transfer":
+    elif info.domains and not kind.domains_in_spec:
         out.append((("dataset",), f"{info.name} has several domains: set dataset.domain to one of {', '.join(info.domains)}"))
-    if spec.probe.samples_per_class is not None and spec.kind != "domain_transfer":
-        out.append((("probe", "samples_per_class"), "only a domain_transfer study probes on a fixed number of target samples per class; remove it"))
+    if spec.probe.samples_per_class is not None and not kind.probes_per_class:
+        out.append((("probe", "samples_per_class"), f"only a {' or '.join(kinds_where('probes_per_class'))} study probes on a "
+                                                    "fixed number of target samples per class; remove it"))
     for i, m in enumerate(spec.models):
         if m.source != "auto":
             libs = catalog.library_model_names()
@@ -432,46 +338,7 @@ def _semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
             out.append((("models", i, "cifar_stem"), f"{m.name} is one of pnc's CIFAR ResNets, which always have the 3x3 stem; remove cifar_stem"))
         if m.weights is not None and not m.pretrained:
             out.append((("models", i, "weights"), "weights is given but pretrained is false; set pretrained: true or remove weights"))
-    if spec.kind == "noise_sweep" and getattr(spec, "noise", None) is not None:
-        noise = spec.noise
-        if not noise.label and not noise.input:
-            out.append((("noise",), "a noise_sweep needs at least one entry under noise.label or noise.input"))
-        for i, ln in enumerate(noise.label):
-            if ln.kind is None:  # an entry that failed its own validation (partial specs only)
-                continue
-            allowed = catalog.LABEL_NOISE_KINDS[ln.kind]
-            if allowed is not None and info.name not in allowed:
-                out.append((("noise", "label", i, "kind"), f"label noise {ln.kind!r} exists only for {', '.join(allowed)}, not {info.name}"))
-            elif ln.kind == "human":
-                for j, s in enumerate(ln.label_sets):
-                    if s is not None and s not in info.label_sets:
-                        out.append((("noise", "label", i, "label_sets", j), f"{info.name} has no human label set {s!r}.{did_you_mean(s, info.label_sets)}"))
-        kinds = [ln.kind for ln in noise.label if ln.kind is not None]
-        for k in sorted({k for k in kinds if kinds.count(k) > 1}):
-            out.append((("noise", "label"), f"label noise kind {k!r} appears twice; merge its rates into one entry"))
-        if getattr(noise, "corrupted_test", False):
-            if info.name != "cifar10":
-                out.append((("noise", "corrupted_test"), f"a published corrupted test set exists only for cifar10 (CIFAR-10-C), "
-                                                         f"not {info.name}; remove corrupted_test"))
-            elif not noise.input:
-                out.append((("noise", "corrupted_test"), "corrupted_test needs an entry under noise.input (a corruption to test on)"))
-            else:
-                for i, x in enumerate(noise.input):
-                    if x.corruption is not None and x.corruption not in catalog.CIFAR10C_CORRUPTIONS:
-                        out.append((("noise", "input", i, "corruption"), f"CIFAR-10-C has no {x.corruption!r} files"))
-        corr = [x.corruption for x in noise.input if x.corruption is not None]
-        for c in sorted({c for c in corr if corr.count(c) > 1}):
-            out.append((("noise", "input"), f"corruption {c!r} appears twice; merge its severities into one entry"))
-    if spec.kind == "domain_transfer" and getattr(spec, "transfer", None) is not None:
-        if not info.domains:
-            out.append((("dataset", "name"), f"{info.name} has no domains; a domain_transfer needs a multi-domain dataset: "
-                        + ", ".join(n for n, d in catalog.DATASETS.items() if d.domains)))
-        else:
-            for key in ("sources", "targets"):
-                for j, d in enumerate(getattr(spec.transfer, key)):
-                    if d is not None and d not in info.domains:
-                        out.append((("transfer", key, j), f"unknown domain {d!r} of {info.name}.{did_you_mean(d, info.domains)}"))
-    return out
+    return out + kind.rules(spec)
 
 
 def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
@@ -485,13 +352,14 @@ def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
     return [(("models",), f"duplicate models: {', '.join(dups)}")] if dups else []
 
 
-def _strings(v: Any) -> list[str | None]:
+def strings_of(v: Any) -> list[str | None]:
     """The entries of a raw list that are strings (others None, keeping indices); [] for anything but a list."""
     return [x if isinstance(x, str) else None for x in v] if isinstance(v, list) else []
 
 
 def _partial_spec(data: dict) -> Any | None:
-    """The blocks of an invalid spec that do validate, for the cross-field rules (None without a valid dataset)."""
+    """The blocks of an invalid spec that do validate, for the cross-field rules (None without a valid dataset).
+    The kind adds its own blocks (:meth:`pnc.kinds.base.StudyKind.partial`)."""
     from types import SimpleNamespace
 
     if data.get("kind") not in KINDS:
@@ -507,44 +375,11 @@ def _partial_spec(data: dict) -> Any | None:
             continue
     else:
         return None
-
-    def block(cls, key):
-        try:
-            return cls.model_validate(data.get(key) if data.get(key) is not None else {})
-        except ValidationError:
-            return None
-
-    probe = block(ProbeSpec, "probe") or ProbeSpec()
-    noise = None
-    if data.get("kind") == "noise_sweep" and isinstance(data.get("noise"), dict):
-        # each entry on its own: one bad rate must not hide a label set that does not exist
-        raw = data["noise"]
-        label, inputs = [], []
-        label_adapter = TypeAdapter(LabelNoiseSpec)
-        for entry in raw.get("label") if isinstance(raw.get("label"), list) else []:
-            try:
-                label.append(label_adapter.validate_python(entry))
-            except ValidationError:
-                # keeps indices; an entry that fails for another reason (a duplicate label set, a bad rate) still
-                # has its kind and label set names checked
-                kind = entry.get("kind") if isinstance(entry, dict) else None
-                sets = entry.get("label_sets") if isinstance(entry, dict) else None
-                label.append(SimpleNamespace(kind=kind if isinstance(kind, str) and kind in catalog.LABEL_NOISE_KINDS else None,
-                                             label_sets=_strings(sets)))
-        for entry in raw.get("input") if isinstance(raw.get("input"), list) else []:
-            try:
-                inputs.append(InputNoiseSpec.model_validate(entry))
-            except ValidationError:
-                corruption = entry.get("corruption") if isinstance(entry, dict) else None
-                inputs.append(SimpleNamespace(corruption=corruption if isinstance(corruption, str)
-                                              and corruption in catalog.CORRUPTIONS else None))
-        noise = SimpleNamespace(label=label, input=inputs, corrupted_test=raw.get("corrupted_test") is True)
-    transfer = None
-    if data.get("kind") == "domain_transfer" and isinstance(data.get("transfer"), dict):
-        # sources and targets on their own: an empty or duplicated list must not hide an unknown domain in the other
-        raw = data["transfer"]
-        transfer = SimpleNamespace(sources=_strings(raw.get("sources")), targets=_strings(raw.get("targets")))
-    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], noise=noise, transfer=transfer)
+    try:
+        probe = ProbeSpec.model_validate(data.get("probe") if data.get("probe") is not None else {})
+    except ValidationError:
+        probe = ProbeSpec()
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **KINDS.get(data["kind"]).partial(data))
 
 
 # ----------------------------------------------------------------------------- YAML with positions
@@ -616,7 +451,7 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
     return line, col
 
 
-_TAGS = set(KINDS) | {"symmetric", "class_dependent", "human"}
+_TAGS = set(KINDS.names()) | set(catalog.LABEL_NOISE_KINDS)
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -660,7 +495,7 @@ def _message(err: dict, data: Any, loc: tuple) -> str:
         opts = [t.strip().strip("'") for t in str(tags).split(",")]
         return f"unknown kind {got!r}.{did_you_mean(str(got), opts)}"
     if typ == "union_tag_not_found":
-        return "missing key 'kind': one of " + ", ".join(KINDS) if not loc else f"missing key 'kind' ({err.get('ctx', {}).get('discriminator', '')})"
+        return "missing key 'kind': one of " + ", ".join(KINDS.names()) if not loc else f"missing key 'kind' ({err.get('ctx', {}).get('discriminator', '')})"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     got = err.get("input")
@@ -672,15 +507,13 @@ def _message(err: dict, data: Any, loc: tuple) -> str:
 def _allowed_keys(loc: tuple, data: Any) -> list[str]:
     """Field names allowed at ``loc`` (used for 'did you mean' on unknown keys)."""
     kind = data.get("kind") if isinstance(data, dict) else None
-    cls = {"depth_sweep": DepthSweepSpec, "noise_sweep": NoiseSweepSpec, "domain_transfer": DomainTransferSpec}.get(kind)
-    if cls is None:
+    if kind not in KINDS:
         return []
+    cls = KINDS.get(kind).spec_class
     node: Any = data
     for part in loc:
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and part < len(node) else None
-            if cls is ModelSpec or cls is InputNoiseSpec:
-                continue
             continue
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
@@ -858,7 +691,7 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
         return Problem(file, line, col, _dotted(loc), msg)
 
     try:
-        spec = _ADAPTER.validate_python(data)
+        spec = adapter().validate_python(data)
     except ValidationError as e:
         problems, seen = [], set()
         for err in e.errors():
@@ -869,7 +702,7 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
                 problems.append(p)
         try:  # cross-field rules on the blocks that are valid: every problem at once (best effort)
             partial = _partial_spec(data)
-            extra = _semantic_problems(partial) if partial is not None else []
+            extra = semantic_problems(partial) if partial is not None else []
             extra += _duplicate_model_names(data)
         except Exception:  # noqa: BLE001 - the field-level problems above are reported regardless
             extra = []
@@ -880,7 +713,7 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
                 problems.append(p)
         problems.sort(key=lambda p: (p.file, p.line, p.col))
         raise SpecError(problems) from None
-    sem = _semantic_problems(spec)
+    sem = semantic_problems(spec)
     if sem:
         raise SpecError([problem(loc, msg) for loc, msg in sem])
     return spec

@@ -383,6 +383,15 @@ def _stop_heartbeat(run_id: str) -> None:
             thread.join(timeout=30)
 
 
+def get_run(run_id: str) -> Any:
+    """A run, read with the store's retries."""
+    return _retrying(lambda: client().get_run(run_id))
+
+
+def delete_tag(run_id: str, key: str) -> None:
+    _retrying(lambda: client().delete_tag(run_id, key))
+
+
 def busy_message(claim: Claim) -> str:
     return f"being run by another process ({claim.holder}, run {claim.run_id}); left to it"
 

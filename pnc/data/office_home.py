@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pnc.catalog import DATASETS
+from pnc.catalog import DATASETS, TRAIN_FRACTION
 from pnc.data.base import ImageSplit
 from pnc.data.cifar import data_error, dataset_root, found, stratified_split
 from pnc.data.imagenet import IMG_EXTENSIONS
@@ -69,7 +69,7 @@ def _domain_dir(base: Path, domain: str) -> Path:
                base, f"restore the {DOMAIN_DIRS[domain][0]}/ folder from {SOURCE}.", where=top)
 
 
-def load_office_home(root: str | Path | None = None, *, domain: str, train_fraction: float = 0.8,
+def load_office_home(root: str | Path | None = None, *, domain: str, train_fraction: float = TRAIN_FRACTION,
                      seed: int | None = 0) -> dict[str, ImageSplit]:
     """Office-Home ``{"train", "test"}`` of one ``domain`` (Art, Clipart, Product, Real_World), 65 classes, paths."""
     domain = {"Real World": "Real_World", "RealWorld": "Real_World"}.get(domain, domain)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..catalog import TRAIN_FRACTION
 from ..errors import DataError
 from .base import ImageSplit
 
@@ -73,7 +74,7 @@ def _embedded_splits(name: str, domain: str | None) -> dict[str, tuple[ImageSpli
     return {s: (read_split(base / s), base / s) for s in ("train", "test")}
 
 
-def _raw_splits(ds: Any, domain: str | None, train_fraction: float = 0.8, seed: int = 0) -> dict[str, ImageSplit]:
+def raw_splits(ds: Any, domain: str | None, train_fraction: float = TRAIN_FRACTION, seed: int = 0) -> dict[str, ImageSplit]:
     name, root = ds.name, ds.root
     if name == "cifar10":
         from .cifar import load_cifar10
@@ -98,7 +99,7 @@ def _raw_splits(ds: Any, domain: str | None, train_fraction: float = 0.8, seed: 
     raise DataError(f"no loader for dataset {name!r}")  # pragma: no cover - catalog and loaders agree
 
 
-def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = 0.8) -> dict[str, tuple[ImageSplit, str, str]]:
+def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = TRAIN_FRACTION) -> dict[str, tuple[ImageSplit, str, str]]:
     """{split: (ImageSplit, path, digest)} of a dataset (and domain)."""
     return {s: (sp, path, dig) for s, (sp, path, dig, _) in _base_splits(ds, domain, train_fraction).items()}
 
@@ -112,7 +113,7 @@ def _base_splits(ds: Any, domain: str | None, train_fraction: float) -> dict[str
     from .base import dvc_tracking
     from .cifar import dataset_root
 
-    splits = _raw_splits(ds, domain, train_fraction)
+    splits = raw_splits(ds, domain, train_fraction)
     dvc = dvc_tracking(dataset_root(ds.name, ds.root)) or {}
     out = {}
     for s, sp in splits.items():
@@ -174,15 +175,11 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
     return out
 
 
-def materialise_derived(spec: Any, out_root: Path = DERIVED_ROOT) -> list[Path]:
-    """Every derived split of a noise_sweep spec (the DVC stage ``derive@<study>``)."""
-    from ..study import noise_settings
-
-    if spec.kind != "noise_sweep":
-        raise DataError(f"{spec.name} is a {spec.kind}; only a noise_sweep has derived splits")
-    train, path, digest, raw = _base_splits(spec.dataset, spec.dataset.domain, 0.8)["train"]
+def materialise_derived(spec: Any, settings: list, out_root: Path = DERIVED_ROOT) -> list[Path]:
+    """The derived split of each noise setting of ``spec`` (the DVC stage ``derive@<study>``)."""
+    train, path, digest, raw = _base_splits(spec.dataset, spec.dataset.domain, TRAIN_FRACTION)["train"]
     written = []
-    for ns in noise_settings(spec):
+    for ns in settings:
         if ns.is_clean:
             continue
         written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path, raw))
@@ -196,13 +193,13 @@ def materialise_embedded(name: str, out_root: Path = EMBEDDED_ROOT) -> Path:
     return out_root / name
 
 
-def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellData:
-    """The splits one cell trains and measures on, with their digests for MLflow/lineage."""
+def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None, train_fraction: float = TRAIN_FRACTION) -> CellData:
+    """The splits one cell trains and measures on, with their digests for MLflow/lineage. ``train_fraction``: the
+    train share of datasets without official splits."""
     from .store import read_manifest, read_split, split_digest
 
     dom = domain if domain is not None else (cell.source if cell.source else spec.dataset.domain)
-    tf = spec.transfer.train_fraction if spec.kind == "domain_transfer" else 0.8
-    splits = _base_splits(spec.dataset, dom, tf)
+    splits = _base_splits(spec.dataset, dom, train_fraction)
     train_name, test_name = spec.dataset.train_split, spec.dataset.test
     for s in (train_name, test_name):
         if s not in splits:
@@ -239,13 +236,11 @@ def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellDa
                     extra_eval=extra)
 
 
-def check_corrupted_test(spec: Any) -> None:
+def check_corrupted_test(spec: Any, settings: list) -> None:
     """Open every published corrupted test set a noise study will read, so a missing file stops it at once."""
-    from ..study import noise_settings
-
-    if spec.kind != "noise_sweep" or not spec.noise.corrupted_test:
+    if not spec.noise.corrupted_test:
         return
-    for ns in noise_settings(spec):
+    for ns in settings:
         if ns.type == "input" and ns.level:
             corrupted_test_split(spec.dataset, ns.kind, int(ns.level))
 

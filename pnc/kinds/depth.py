@@ -1,0 +1,219 @@
+"""``depth_sweep``: train a family of networks of increasing depth, measure every layer (paper sec. 4.1, Fig. 1).
+
+Analyses: the transition phase per model (segmented fit of log CDNV) and the efficient depth (the smallest
+depth whose curve shows the transition, next to the depth a validation split picks).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from ..catalog import model_order
+from ..spec import StudySpecBase
+from .base import CellData, StudyKind, model_cells
+
+KEYS = [("cdnv/train", "CDNV (train)", True), ("nc2/train", "NC2 (train)", False),
+        ("probe_acc/test", "probe accuracy (test)", False)]
+EXTRA_KEYS = ("nc1/train", "ncc_acc/train", "ncc_acc/test")
+
+
+class DepthSweepSpec(StudySpecBase):
+    """Train a family of networks of increasing depth; measure every layer (paper sec. 4.1, Fig. 1)."""
+
+    kind: Literal["depth_sweep"]
+
+
+class DepthSweep(StudyKind):
+    name = "depth_sweep"
+    spec_class = DepthSweepSpec
+    params_key = "depth_studies"
+    ncc_train = True  # ncc_acc/train: a second pass over the training split with the finished class means
+
+    def expand(self, spec: Any) -> list:
+        return model_cells(spec)
+
+    def load_data(self, spec: Any, cell: Any) -> Any:
+        from ..data.registry import load_cell_data
+
+        return load_cell_data(spec, cell)
+
+    def prepare(self, spec: Any, cells: list) -> CellData:
+        data = CellData(lambda cell: self.load_data(spec, cell))
+        data(cells[0])
+        return data
+
+    # ------------------------------------------------------------------ one cell
+    def run_cell(self, study: Any, cell: Any, data: CellData, prefix: str) -> Any:
+        from .. import tracking
+        from ..engine import CellOutcome, cell_params, cell_tags, checkpoint_path, data_digest, log_params_once
+
+        spec, main = study.spec, study.main
+        d = data(cell)
+        digest = data_digest(d.inputs)
+
+        def claimed(run_id: str, reused: Any) -> None:
+            log_params_once(run_id, cell_params(spec, cell))
+            tracking.log_inputs(run_id, d.inputs if reused is None else [])
+
+        att = study.claim(cell, {tracking.TAG_DATA: digest, **study.tags(), **cell_tags(spec, cell)},
+                          usable=lambda r: r.data.tags.get(tracking.TAG_DATA) == digest, on_claimed=claimed)  # new data: a new run
+        if att.decision == "skip":
+            if main:
+                print(f"{prefix} {cell.name}: finished earlier (run {att.run_id}), skipped", file=sys.stderr)
+            return CellOutcome(cell, "SKIPPED", att.run_id)
+        if att.decision == "busy":
+            if main:
+                print(f"{prefix} {cell.name}: {att.reason}", file=sys.stderr)
+            return CellOutcome(cell, "BUSY", att.run_id, reason=att.reason)
+        if main:
+            print(f"{prefix} {cell.name} (cell {cell.id}, run {att.run_id})", file=sys.stderr)
+        t0 = time.time()
+        status, summary, reason = study.execute(att.run_id, lambda: self.train_and_measure(study, cell, d, att.run_id),
+                                                checkpoint=checkpoint_path(spec, cell))
+        if status == "FAILED":
+            if main:
+                print(f"  FAILED: {reason}", file=sys.stderr)
+            return CellOutcome(cell, "FAILED", att.run_id, reason=reason)
+        if main:
+            summary["seconds"] = round(time.time() - t0, 1)
+            print(f"  done in {summary['seconds']:.0f}s: train acc {summary['train_final_acc']:.4f}, "
+                  f"test acc {summary['test_acc']:.4f}" + (f", final-layer probe {summary['final_probe_acc']:.4f}"
+                                                           if "final_probe_acc" in summary else ""), file=sys.stderr)
+        return CellOutcome(cell, "FINISHED", att.run_id, summary)
+
+    def train_and_measure(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
+        """Train the cell's network (resuming from its checkpoint), measure every layer, log to ``run_id``."""
+        from .. import tracking
+        from ..engine import train_cell
+
+        main = study.main
+
+        def on_epoch(epoch: int, loss: float, acc: float) -> None:
+            tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
+
+        model, result, _ = train_cell(study.spec, cell, data, accelerator=study.accelerator, run_id=run_id,
+                                      progress=study.progress, on_epoch=on_epoch if main else None)
+        results, names, accs = self.measure_cell(study, model, data)
+        summary = {"train_acc": result.acc, "train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
+                   "epochs": result.epochs, "resumed_from": result.resumed_from,
+                   **{f"{r}_acc": accs.get(r) for r in data.extra_eval}}
+        probe_key = "probe_acc/test"
+        if probe_key in results:
+            summary["final_probe_acc"] = results[probe_key][-1]
+            summary["best_probe_acc"] = max(results[probe_key])
+        if main:
+            tracking.log_layer_metrics(run_id, results)
+            finals = {"train/final_acc": accs.get("train"), "test/acc": accs.get("test"), "val/acc": accs.get("test_val"),
+                      "test/holdout_acc": accs.get("test_holdout"), "train/last_epoch_acc": result.acc,
+                      "train/last_epoch_loss": result.loss, "layers/count": len(names)}
+            if probe_key in results:
+                finals.update({"final/probe_acc_test": summary["final_probe_acc"], "best/probe_acc_test": summary["best_probe_acc"]})
+            for role in data.extra_eval:
+                finals[f"test/{role}_acc"] = accs.get(role)
+            tracking.log_metrics(run_id, finals)
+            tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+        summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
+        return summary
+
+    def datasets(self, spec: Any, data: Any) -> dict[str, Any]:
+        """The ImageDatasets of a cell's measurement: train, test and further test sets."""
+        from ..data.torchdata import ImageDataset
+
+        size, ch = spec.dataset.size, spec.dataset.info.channels
+        return {"train": ImageDataset(data.train, image_size=size, channels=ch),
+                "test": ImageDataset(data.test, image_size=size, channels=ch),
+                **{role: ImageDataset(split, image_size=size, channels=ch) for role, split in data.extra_eval.items()}}
+
+    def measure_cell(self, study: Any, model: Any, data: Any) -> tuple[dict, list[str], dict]:
+        """(per-layer results, layer names, accuracies) of a trained cell network."""
+        from ..engine import measure_model
+
+        spec = study.spec
+        return measure_model(model, spec, self.datasets(spec, data), accelerator=study.accelerator,
+                             num_classes=spec.dataset.info.num_classes, label_names=("train",), progress=study.progress,
+                             ncc_train=self.ncc_train)
+
+    def log_cell_extras(self, study: Any, run_id: str, results: dict, names: list[str], accs: dict, data: Any) -> dict:
+        """What a kind logs beyond the per-layer curves and final accuracies; returns summary additions."""
+        return {}
+
+    # ------------------------------------------------------------------ reading back
+    def analyses(self, spec: Any, selection: Any = None) -> dict:
+        """The transition per model and the efficient depth, from the runs of the spec's cells."""
+        from .. import analysis
+        from ..frames import RunSelection, layer_frame, run_frame
+
+        sel = selection if selection is not None else RunSelection(spec)
+        out: dict = {"metrics": {}, "tags": {}, "details": {}, "curves": {}}
+        metrics, tags, details = out["metrics"], out["tags"], out["details"]
+        df = layer_frame(spec.experiment, ["cdnv/train"], runs=sel)
+        runs = run_frame(spec.experiment, runs=sel)
+        if df.empty or runs.empty:
+            return out
+        rows = []
+        for model in model_order(df.model.unique()):
+            d = df[df.model == model]
+            r = runs[runs.run_id.isin(set(d.run_id))] if "run_id" in runs and "run_id" in d else runs[runs["pnc.model"] == model]
+            if r.empty or "val/acc" not in r:
+                continue
+            r = r.iloc[-1]
+            curve = d.sort_values("layer").value.tolist()
+            t = analysis.detect_transition(curve)
+            details.setdefault("transitions", {})[model] = t.as_dict()
+            tags[f"pnc.transition.{model}"] = (f"layers {t.start}-{t.end} (confidence {t.confidence:.2f})" if t.found
+                                              else f"none: {t.reason}")
+            rows.append((int(d.depth.iloc[0]), model, curve, float(r["val/acc"]), float(r["test/holdout_acc"])))
+        if rows:
+            rows.sort()
+            e = analysis.efficient_depth([x[0] for x in rows], [x[2] for x in rows], [x[3] for x in rows], [x[4] for x in rows])
+            details["efficient_depth"] = e.as_dict()
+            metrics["efficient_depth/validation"] = e.validation_depth
+            if e.transition_depth is not None:
+                metrics["efficient_depth/transition"] = e.transition_depth
+                metrics["efficient_depth/test_acc_cost"] = e.cost
+            tags["pnc.efficient_depth"] = (f"transition: {e.transition_depth}, validation: {e.validation_depth}, "
+                                           f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
+        out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
+        return out
+
+    def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
+        import altair as alt
+        import pandas as pd
+
+        from ..figures import curves, figure, fmt, no_runs, save, table
+        from ..frames import layer_frame, run_frame
+
+        df = layer_frame(spec.experiment, [k for k, _, _ in KEYS] + list(EXTRA_KEYS), runs=selection)
+        if df.empty:
+            raise no_runs(spec)
+        order = df.drop_duplicates("model").sort_values("depth").model.tolist()
+        rows = [curves(df, k, t, log, "model", order, width=420, height=170) for k, t, log in KEYS if k in set(df.metric)]
+        save(alt.vconcat(*rows).properties(title=f"{spec.name}: progressive collapse by depth"), folder, "layers")
+        sections = [("Per-layer collapse and probe accuracy (Figure 1 layout)", figure("layers"))]
+        extra = [k for k in EXTRA_KEYS if k in set(df.metric)]
+        if extra:
+            save(alt.hconcat(*[curves(df, k, k, k.startswith("nc1"), "model", order) for k in extra]), folder, "extra")
+            sections.append(("NC1 and nearest-class-centre accuracy", figure("extra")))
+        runs = run_frame(spec.experiment, runs=selection)
+        cols = [c for c in ["pnc.model", "epochs", "overrides", "train/final_acc", "test/acc", "val/acc", "test/holdout_acc",
+                            "final/probe_acc_test", "best/probe_acc_test"] if c in runs]
+        if cols:
+            sections.append(("Final accuracies per model", table(runs[cols])))
+        det = self.analyses(spec, selection)["details"]
+        if det.get("transitions"):
+            t = pd.DataFrame([{"model": m, **{k: v for k, v in det["transitions"][m].items() if k != "slopes"},
+                               "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"])}
+                              for m in model_order(det["transitions"])])
+            sections.append(("Transition phase (segmented fit of log CDNV; see README)", table(t)))
+        if det.get("efficient_depth"):
+            e = det["efficient_depth"]
+            text = (f"<p>Smallest depth whose CDNV curve shows the transition: <b>{e['transition_depth']}</b>; depth the "
+                    f"validation half of the test split picks: <b>{e['validation_depth']}</b>; holdout test accuracy given up by "
+                    f"the intrinsic choice: <b>{fmt(e['cost'])}</b>.</p>")
+            sections.append(("Efficient depth", text + table(pd.DataFrame(e["per_depth"]))))
+        return sections
+
+
+KIND = DepthSweep()
