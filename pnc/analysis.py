@@ -475,18 +475,3 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
         k += int(use[0])
     pooled = rows(_rho(num, dx, dy), n, {"targets": k})
     return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed)
-
-
-def transfer_correlations(spec: Any) -> TransferCorrelation:
-    """:func:`transfer_correlation` of a domain_transfer study's finished target runs in MLflow."""
-    from .report import layer_frame
-
-    df = layer_frame(spec.experiment, ["cdnv/target", "probe_acc/target_test"], role="transfer")
-    if df.empty:
-        return TransferCorrelation([], {}, [], {})
-    piv = df.pivot_table(index=["model", "source", "target", "layer"], columns="metric", values="value").reset_index()
-    piv = piv.rename(columns={"cdnv/target": "cdnv", "probe_acc/target_test": "probe_acc"})
-    for col in ("cdnv", "probe_acc"):
-        if col not in piv:
-            piv[col] = math.nan
-    return transfer_correlation(piv)

@@ -133,7 +133,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .study import expand
+    from .cells import expand
 
     spec = load_spec(args.spec, args.overrides)
     cells = expand(spec)
@@ -148,13 +148,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .study import expand, find_cell
+    from .cells import expand, find_cell
 
     spec = load_spec(args.spec, args.overrides)
     cells = expand(spec)
     if args.cell:
         cells = [find_cell(cells, key) for key in args.cell]
-    from .runner import run_study  # heavy imports only now
+    from .engine import run_study  # heavy imports only now
 
     return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress,
                      results_path=args.results, overrides=args.overrides)
@@ -165,7 +165,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if not args.specs and not args.index:
         raise PncError("give one or more study specs, or --index")
-    from .report import render_index, render_study
+    from .figures import render_index
+    from .report import render_study
 
     for f in args.specs:
         spec = load_spec(f, args.overrides)
@@ -180,10 +181,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_derive(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
-    spec = load_spec(args.spec)
-    from .data.registry import materialise_derived
+    from .registry import KINDS
 
-    for path in materialise_derived(spec, Path(args.out)):
+    spec = load_spec(args.spec)
+    for path in KINDS.get(spec.kind).derive(spec, Path(args.out)):
         print(path)
     return 0
 
@@ -209,7 +210,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .report import render_compare, render_index
+    from .figures import render_index
+    from .report import render_compare
 
     out = render_compare(args.studies, Path(args.out), args.metric)
     render_index(Path(args.out))
@@ -218,7 +220,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate_noise(args: argparse.Namespace) -> int:
-    from .report import estimate_noise_for_run
+    from .kinds.noise import estimate_noise_for_run
 
     rows = estimate_noise_for_run(args.run_id, args.calibration, echo=False)
     if args.json:

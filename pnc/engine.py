@@ -167,7 +167,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     ``splits`` maps a role to an ImageDataset: "train" (the reference split: class statistics,
     class means for NCC, probe training data) and optional "test" and further test sets. ``ncc_train`` adds
     a second pass over the training split for ``ncc_acc/train`` (the nearest-class-mean classifier needs the
-    finished class means). ``metrics`` narrows ``spec.measure.metrics``. Returns per-layer results, layer
+    finished class means). ``metrics``: what to measure (default ``spec.measure.metrics``). Returns per-layer results, layer
     names and the network's own accuracy on each split (against label column 0).
     """
     import torch
@@ -177,7 +177,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     from .metrics import measure
     from .metrics.probes import validation_part
 
-    wanted = [m for m in spec.measure.metrics if metrics is None or m in metrics]
+    wanted = list(spec.measure.metrics if metrics is None else metrics)
     net = accelerator.unwrap_model(model).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     extractor = FeatureExtractor(net, layers=spec.measure.layer_selection, reduction=spec.measure.reduction, seed=spec.train.seed)
@@ -397,7 +397,7 @@ def study_complete(spec: Any, outcomes: list) -> bool:
     cells = expand(spec)
     if any(o.status == "BUSY" for o in outcomes) or {o.cell.id for o in outcomes} != {c.id for c in cells}:
         exp_id = tracking.experiment_id(spec.experiment)
-        for cell_id, role in kind.runs_of(cells):
+        for cell_id, role, _ in kind.runs_of(cells):
             run = tracking.find_cell_run(exp_id, cell_id, role=role)
             if run is None or run.info.status != "FINISHED":
                 return False

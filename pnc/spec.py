@@ -230,12 +230,12 @@ class ProbeSpec(SpecBlock):
     kind: Literal["ridge", "logistic"] = "ridge"
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Part of the training split held out to pick regularisation.")
     max_samples: int = Field(50_000, ge=10, description="Cap on cached samples per layer (logistic probe).")
-    samples_per_class: int | None = Field(None, ge=1, description="Target samples per class (domain_transfer only).")
+    samples_per_class: int | None = Field(None, ge=1, description="Target samples per class (kinds that probe other domains).")
 
 
 class TrackingSpec(SpecBlock):
     experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
-    registered_model: str | None = Field(None, description="Model-registry name (domain_transfer); default: '<study>-<model>'.")
+    registered_model: str | None = Field(None, description="Model-registry name (kinds that register models); default: '<study>-<model>'.")
 
 
 def no_duplicates(v: list) -> list:

@@ -99,8 +99,8 @@ def _init_store(uri: str, make_client):
             _prepare_sqlite(uri)
             c = make_client()
             # open both stores now (tracking and model registry): this is what creates the tables
-            _retrying(lambda: c.search_experiments(max_results=1))
-            _retrying(lambda: c.search_registered_models(max_results=1))
+            retrying(lambda: c.search_experiments(max_results=1))
+            retrying(lambda: c.search_registered_models(max_results=1))
             return c
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -118,11 +118,11 @@ def client():
     uri = tracking_uri()
     if _CLIENT is None or _CLIENT._tracking_client.tracking_uri != uri:
         mlflow.set_tracking_uri(uri)
-        _CLIENT = _init_store(uri, lambda: _retrying(lambda: MlflowClient(tracking_uri=uri)))
+        _CLIENT = _init_store(uri, lambda: retrying(lambda: MlflowClient(tracking_uri=uri)))
     return _CLIENT
 
 
-def _retrying(fn, attempts: int = 8):
+def retrying(fn, attempts: int = 8):
     """Retry transient store errors ('database is locked') with backoff."""
     for i in range(attempts):
         try:
@@ -168,20 +168,20 @@ def git_state() -> dict[str, str]:
 
 def experiment_id(name: str) -> str:
     c = client()
-    exp = _retrying(lambda: c.get_experiment_by_name(name))
+    exp = retrying(lambda: c.get_experiment_by_name(name))
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            _retrying(lambda: c.restore_experiment(exp.experiment_id))
+            retrying(lambda: c.restore_experiment(exp.experiment_id))
         return exp.experiment_id
     try:
-        return _retrying(lambda: c.create_experiment(name))
+        return retrying(lambda: c.create_experiment(name))
     except Exception:  # noqa: BLE001 - a concurrent process created it first
-        return _retrying(lambda: c.get_experiment_by_name(name)).experiment_id
+        return retrying(lambda: c.get_experiment_by_name(name)).experiment_id
 
 
 def _search(exp_id: str, filter_string: str, max_results: int = 1000) -> list:
     c = client()
-    return _retrying(lambda: c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
+    return retrying(lambda: c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
                                            order_by=["attributes.start_time DESC"]))
 
 
@@ -207,7 +207,7 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     mine = None
     try:
         if not runs:
-            run = _retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
+            run = retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
             mine = run.info.run_id
         if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
             time.sleep(_PARENT_SETTLE_S)
@@ -218,7 +218,7 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
         raise
     run_id = runs[0].info.run_id if runs else mine
     if mine is not None and mine != run_id:
-        _retrying(lambda: c.delete_run(mine))
+        retrying(lambda: c.delete_run(mine))
     log_tags(run_id, tags)
     return run_id
 
@@ -237,10 +237,10 @@ def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
                 TAG_STUDY: cell.study, **tags}
     if reuse is not None:
         run_id = reuse.info.run_id
-        _retrying(lambda: c.update_run(run_id, status="RUNNING"))
+        retrying(lambda: c.update_run(run_id, status="RUNNING"))
         log_tags(run_id, all_tags)
         return run_id
-    run = _retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=all_tags))
+    run = retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=all_tags))
     return run.info.run_id
 
 
@@ -350,7 +350,7 @@ def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
     winner = min(live, key=lambda r: (r.info.start_time or 0, r.info.run_id)) if live else None
     if winner is None or winner.data.tags.get(TAG_OWNER) != me:
         if reuse is None:
-            _retrying(lambda: client().delete_run(run_id))
+            retrying(lambda: client().delete_run(run_id))
         return Claim("busy", winner.info.run_id if winner else run_id,
                      holder=winner.data.tags.get(TAG_OWNER, "?") if winner else "another process")
     _heartbeat(run_id)
@@ -364,7 +364,7 @@ def _heartbeat(run_id: str) -> None:
     def beat() -> None:
         while not stop.wait(max(LEASE_S / 10, 0.05)):
             try:
-                _retrying(lambda: client().set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.3f}"))
+                retrying(lambda: client().set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.3f}"))
             except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
                 pass
 
@@ -385,11 +385,11 @@ def _stop_heartbeat(run_id: str) -> None:
 
 def get_run(run_id: str) -> Any:
     """A run, read with the store's retries."""
-    return _retrying(lambda: client().get_run(run_id))
+    return retrying(lambda: client().get_run(run_id))
 
 
 def delete_tag(run_id: str, key: str) -> None:
-    _retrying(lambda: client().delete_tag(run_id, key))
+    retrying(lambda: client().delete_tag(run_id, key))
 
 
 def busy_message(claim: Claim) -> str:
@@ -402,7 +402,7 @@ def log_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     items = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, len(items), 90):
-        _retrying(lambda: c.log_batch(run_id, tags=items[i:i + 90]))
+        retrying(lambda: c.log_batch(run_id, tags=items[i:i + 90]))
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -410,10 +410,10 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     c = client()
-    have = _retrying(lambda: c.get_run(run_id)).data.params
+    have = retrying(lambda: c.get_run(run_id)).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if have.get(k) != str(v)[:6000]]
     for i in range(0, len(items), 90):
-        _retrying(lambda: c.log_batch(run_id, params=items[i:i + 90]))
+        retrying(lambda: c.log_batch(run_id, params=items[i:i + 90]))
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -423,7 +423,7 @@ def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
     for i in range(0, len(items), _MAX_BATCH):
-        _retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
 
 
 def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
@@ -441,7 +441,7 @@ def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
                 continue
             items.append(Metric(key, float(v), ts, layer))
     for i in range(0, len(items), _MAX_BATCH):
-        _retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
 
 
 def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
@@ -458,7 +458,7 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
         return
     for attempt in range(6):
         try:
-            _retrying(lambda: c.log_inputs(run_id, datasets=items))
+            retrying(lambda: c.log_inputs(run_id, datasets=items))
             return
         except Exception as e:  # noqa: BLE001
             # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
@@ -474,19 +474,19 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="pnc-artifact-") as d:
         path = Path(d) / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        _retrying(lambda: c.log_artifact(run_id, str(path)))
+        retrying(lambda: c.log_artifact(run_id, str(path)))
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _stop_heartbeat(run_id)
     c = client()
-    _retrying(lambda: c.set_terminated(run_id, status=status))
+    retrying(lambda: c.set_terminated(run_id, status=status))
 
 
 def layer_history(run_id: str, key: str) -> list[float]:
     """A per-layer curve back from MLflow, ordered by layer (step)."""
     c = client()
-    hist = _retrying(lambda: c.get_metric_history(run_id, key))
+    hist = retrying(lambda: c.get_metric_history(run_id, key))
     by_step: dict[int, float] = {}
     for m in sorted(hist, key=lambda m: m.timestamp):
         by_step[m.step] = m.value

@@ -182,9 +182,10 @@ def _digits_like() -> dict:
 
 
 def test_transfer_excludes_in_domain_pairs_and_says_when_there_are_too_few_sources(monkeypatch) -> None:
+    import pnc.frames as frames
     import pnc.report as report
 
-    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: _transfer_frame(_digits_like()))
+    monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: _transfer_frame(_digits_like()))
     s = report.study_summary(_transfer_spec("ABC", "ABC"))
     det = s["details"]["transfer"]
     for t in "ABC":  # two off-domain sources per target: no rho, no +-1
@@ -253,8 +254,10 @@ def test_weighted_ranks_match_spearman_on_repeated_points() -> None:
 
 def test_transfer_report_shows_the_numbers_the_parent_run_logs(monkeypatch, tmp_path) -> None:
     """One computation, one seed: the report's correlation table equals study_summary's (whatever train.seed is)."""
+    import pnc.figures as figures
+    import pnc.frames as frames
     import pnc.report as report
-    from pnc.transfer_report import render_transfer
+    from pnc.kinds.transfer import KIND
 
     curves = {}
     rng = np.random.default_rng(1)
@@ -262,11 +265,11 @@ def test_transfer_report_shows_the_numbers_the_parent_run_logs(monkeypatch, tmp_
         for t in ["A", "B", "C", "D"]:
             q = rng.uniform()
             curves[("m", s, t)] = (np.exp(-np.arange(5) / 2 - q + rng.normal(0, 0.3, 5)), 0.5 + 0.3 * q + rng.normal(0, 0.05, 5))
-    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: _transfer_frame(curves))
-    monkeypatch.setattr(report, "_save", lambda chart, folder, stem: chart.to_dict() and [])
+    monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: _transfer_frame(curves))
+    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: chart.to_dict() and [])
     spec = _transfer_spec("ABCD", "ABCD", seed=7)
     logged = report.study_summary(spec)["details"]["transfer_correlation"]
-    render_transfer(spec, tmp_path)
+    KIND.report(spec, tmp_path, None)
     csv = pd.read_csv(tmp_path / "correlation.csv")
     pooled = csv[csv.target.str.startswith("pooled")].sort_values("step")
     np.testing.assert_array_equal(pooled.rho.to_numpy(), np.array(logged["transfer/spearman"]))
@@ -296,14 +299,15 @@ def _noise_frames(cells: list[tuple[str, str, str, float | None]]) -> tuple[pd.D
 
 
 def test_noise_map_for_human_label_sets_uses_the_realised_rate(monkeypatch) -> None:
+    import pnc.frames as frames
     import pnc.report as report
 
     frame, runs = _noise_frames([("clean", "clean", "0", None), ("human:worse", "human", "worse", 0.40),
                                  ("human:aggre", "human", "aggre", 0.09), ("human:random1", "human", "random1", 0.17),
                                  ("symmetric:0.3", "symmetric", "0.3", 0.27), ("symmetric:0.6", "symmetric", "0.6", None),
                                  ("gaussian_noise:2", "gaussian_noise", "2", None), ("gaussian_noise:4", "gaussian_noise", "4", None)])
-    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: frame)
-    monkeypatch.setattr(report, "run_frame", lambda *a, **k: runs)
+    monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: frame)
+    monkeypatch.setattr(frames, "run_frame", lambda *a, **k: runs)
     spec = SimpleNamespace(name="n", kind="noise_sweep", experiment="n")
     s = report.study_summary(spec)
     human = s["details"]["noise_maps"]["r18/human"]
@@ -318,11 +322,12 @@ def test_noise_map_for_human_label_sets_uses_the_realised_rate(monkeypatch) -> N
 
 
 def test_human_label_set_without_a_realised_rate_is_left_out_and_said(monkeypatch) -> None:
+    import pnc.frames as frames
     import pnc.report as report
 
     frame, runs = _noise_frames([("clean", "clean", "0", None), ("human:aggre", "human", "aggre", None)])
-    monkeypatch.setattr(report, "layer_frame", lambda *a, **k: frame)
-    monkeypatch.setattr(report, "run_frame", lambda *a, **k: runs)
+    monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: frame)
+    monkeypatch.setattr(frames, "run_frame", lambda *a, **k: runs)
     s = report.study_summary(SimpleNamespace(name="n", kind="noise_sweep", experiment="n"))
     assert s["details"]["noise_maps"] == {}
     assert any("human:aggre" in x for x in s["details"]["noise_map_skipped"])

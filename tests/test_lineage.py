@@ -102,7 +102,7 @@ def _spec(project: Path, name: str, overrides: list[str]):
 
 def _log_run(spec, cell, inputs, extra_params: dict | None = None) -> str:
     from pnc import tracking
-    from pnc.runner import cell_params
+    from pnc.engine import cell_params
 
     c = tracking.client()
     run_id = c.create_run(tracking.experiment_id(spec.experiment)).info.run_id
@@ -137,7 +137,7 @@ def test_lineage_of_a_raw_cifar10_run(project: Path, capsys: pytest.CaptureFixtu
     from fakedata import write_cifar10
 
     from pnc.data.registry import load_cell_data
-    from pnc.study import expand
+    from pnc.cells import expand
 
     write_cifar10(project / "data/raw/cifar10")
     spec = _spec(project, "cifar10_depth.yaml", ["models=[resnet8]"])
@@ -171,7 +171,7 @@ def test_lineage_of_a_derived_split_goes_down_to_raw_cifar10(project: Path, caps
 
     from pnc.data.registry import load_cell_data
     from pnc.lineage import trace
-    from pnc.study import expand
+    from pnc.cells import expand
 
     write_cifar10(project / "data/raw/cifar10")
     spec = _spec(project, "cifar10_random_labels.yaml", ["models=[resnet8]", "noise.label=[{kind: symmetric, rates: [0.2]}]"])
@@ -199,7 +199,7 @@ def test_lineage_of_an_office_home_transfer_target_run(project: Path, capsys: py
 
     from pnc.data.registry import load_cell_data
     from pnc.lineage import trace
-    from pnc.study import expand
+    from pnc.cells import expand
 
     write_office_home(project / "data/raw/office_home", per_class=4, domains=("Art", "Clipart"))
     _dvc("init", "--no-scm", cwd=project)
@@ -300,7 +300,7 @@ def test_lineage_reads_the_raw_split_from_the_logged_source(project: Path, capsy
 
     from pnc import tracking
     from pnc.data.registry import load_cell_data
-    from pnc.study import expand
+    from pnc.cells import expand
 
     write_office_home(project / "data/raw/office_home", per_class=4, domains=("Product",))
     spec = _spec(project, "office_home.yaml", ["models=[resnet8]", "transfer.sources=[Product]", "transfer.targets=[Product]",

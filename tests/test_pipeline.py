@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pnc.registry import KINDS
 from pnc.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +19,10 @@ def params() -> dict:
 
 def test_params_agree_with_specs() -> None:
     p = params()
-    kinds = {"depth_studies": "depth_sweep", "noise_studies": "noise_sweep", "transfer_studies": "domain_transfer"}
+    kinds = {k.params_key: k.name for k in KINDS.all()}  # each registered kind has its group in params.yaml
     listed = []
     for key, kind in kinds.items():
+        assert key in p, f"params.yaml has no {key} group for the {kind} studies"
         for name, entry in p[key].items():
             spec = load_spec(ROOT / "specs" / f"{name}.yaml")
             assert spec.kind == kind, f"params.yaml lists {name} under {key} but it is a {spec.kind}"
@@ -87,7 +89,7 @@ def test_dvc_repro_derives_the_noise_splits_once_and_locks_them(tmp_path) -> Non
     assert out["path"] == "data/derived/digits_noise" and out["md5"].endswith(".dir") and out["nfiles"] > 0
     assert "embed@digits" in lock, "the derived splits' lineage starts at the embedded dataset's stage"
     spec = load_spec(repo / "specs" / "digits_noise.yaml")
-    from pnc.study import noise_settings
+    from pnc.kinds.noise import noise_settings
 
     tags = sorted(n.tag.replace(":", "-") for n in noise_settings(spec) if n.tag != "clean")
     on_disk = sorted(p.name for p in (repo / "data" / "derived" / "digits_noise").iterdir() if p.is_dir())

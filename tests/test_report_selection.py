@@ -30,10 +30,10 @@ def store(tmp_path: Path, monkeypatch) -> Path:
 @pytest.fixture
 def charts(monkeypatch) -> list:
     """Skip writing HTML/PNG; keep each chart's Vega-Lite dict."""
-    import pnc.report as report
+    import pnc.figures as figures
 
     saved: list = []
-    monkeypatch.setattr(report, "_save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
+    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
     return saved
 
 
@@ -59,7 +59,7 @@ def _parent(spec) -> tuple[str, str]:
 def _cell_run(spec, cell, overrides: list[str], layers: dict[str, list[float]], finals: dict[str, float]) -> str:
     """A FINISHED cell run as ``pnc run SPEC --set ...`` leaves it."""
     from pnc import tracking
-    from pnc.runner import cell_params, cell_tags
+    from pnc.engine import cell_params, cell_tags
 
     exp_id, parent = _parent(spec)
     time.sleep(0.01)  # distinct start times: "newest" is well defined
@@ -72,7 +72,7 @@ def _cell_run(spec, cell, overrides: list[str], layers: dict[str, list[float]], 
 
 
 def _depth_runs(spec, overrides: list[str], val: dict[str, float]) -> dict[str, str]:
-    from pnc.study import expand
+    from pnc.cells import expand
 
     out = {}
     for cell in expand(spec):
@@ -94,7 +94,7 @@ def _rows(page: str, section: str) -> list[list[str]]:
 # ----------------------------------------------------------------------------- 1. runs of the spec's cells
 def test_study_summary_and_report_use_only_the_spec_cells_runs(store: Path, charts, capsys) -> None:
     import pnc.report as report
-    from pnc.study import expand
+    from pnc.cells import expand
 
     two = _spec(DEPTH, "train.epochs=2")
     four = _spec(DEPTH, "train.epochs=4", "models=[resnet20]")
@@ -139,7 +139,7 @@ def test_report_of_a_spec_whose_cells_never_ran_falls_back_with_a_warning(store:
 
 def test_report_notes_cells_without_a_finished_run(store: Path, charts, capsys) -> None:
     import pnc.report as report
-    from pnc.study import expand
+    from pnc.cells import expand
 
     two = _spec(DEPTH, "train.epochs=2")
     cells = expand(two)
@@ -151,7 +151,7 @@ def test_report_notes_cells_without_a_finished_run(store: Path, charts, capsys) 
 
 # ----------------------------------------------------------------------------- 2. compare
 def _noise_runs() -> None:
-    from pnc.study import expand
+    from pnc.cells import expand
 
     spec = _spec(NOISE, "train.epochs=2", "models=[resnet8, resnet14]", "noise.label=[{kind: symmetric, rates: [0.0, 0.3]}]",
                  "noise.input=[{corruption: gaussian_noise, severities: [2]}]")
@@ -205,7 +205,7 @@ def test_compare_of_several_studies_has_a_panel_and_a_legend_per_study(store: Pa
 
 
 def test_log_axis_only_for_variability_metrics() -> None:
-    from pnc.report import log_axis
+    from pnc.figures import log_axis
 
     assert log_axis("cdnv/train") and log_axis("cdnv/train_noisy") and log_axis("nc1/train")
     assert not any(log_axis(k) for k in ("probe_acc/test", "ncc_acc/test", "nc2/train", "mem_ratio/train"))
@@ -216,7 +216,7 @@ def _calibration(image_size: str = "16") -> None:
     """A noise study calibrated for resnet8: level = log-CDNV profile, on levels 0..5."""
     from pnc import tracking
 
-    from pnc.study import expand
+    from pnc.cells import expand
 
     spec = _spec(NOISE, "models=[resnet8]", f"dataset.image_size={image_size}")
     _, parent = _parent(spec)
@@ -227,14 +227,14 @@ def _calibration(image_size: str = "16") -> None:
 
 
 def _target_run(profile: float, image_size: str = "16") -> str:
-    from pnc.study import expand
+    from pnc.cells import expand
 
     spec = _spec(DEPTH, "models=[resnet8]", f"dataset.image_size={image_size}")
     return _cell_run(spec, expand(spec)[0], [], {"cdnv/train": [math.exp(profile)] * 5}, {})
 
 
 def test_estimate_noise_flags_extrapolation_and_other_image_sizes(store: Path, capsys) -> None:
-    from pnc.report import estimate_noise_for_run
+    from pnc.kinds.noise import estimate_noise_for_run
 
     _calibration("16")
     (row,) = estimate_noise_for_run(_target_run(52.94321, image_size="32"))
@@ -251,7 +251,7 @@ def test_estimate_noise_flags_extrapolation_and_other_image_sizes(store: Path, c
 
 def test_estimate_noise_refuses_a_calibration_study_that_is_not_a_noise_sweep(store: Path) -> None:
     from pnc.errors import PncError
-    from pnc.report import estimate_noise_for_run
+    from pnc.kinds.noise import estimate_noise_for_run
 
     _calibration()
     run = _target_run(1.0)  # its study, digits_depth, now exists too
@@ -267,7 +267,7 @@ def test_estimate_noise_refuses_a_calibration_study_that_is_not_a_noise_sweep(st
 # ----------------------------------------------------------------------------- 4. permissions
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
 def test_published_report_has_the_umask_default_permissions(tmp_path: Path, mask: int) -> None:
-    from pnc.report import publish
+    from pnc.figures import publish
 
     def fill(d: Path) -> None:
         (d / "index.html").write_text("x")

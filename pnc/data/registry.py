@@ -8,6 +8,7 @@ truth: the noise settings of the study specs (:func:`pnc.study.noise_settings`).
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -193,13 +194,13 @@ def materialise_embedded(name: str, out_root: Path = EMBEDDED_ROOT) -> Path:
     return out_root / name
 
 
-def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None, train_fraction: float = TRAIN_FRACTION) -> CellData:
-    """The splits one cell trains and measures on, with their digests for MLflow/lineage. ``train_fraction``: the
-    train share of datasets without official splits."""
+def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellData:
+    """The splits one cell trains and measures on, with their digests for MLflow/lineage. Datasets without official
+    splits are split by the cell's ``train_fraction`` (its config's, else the catalog default)."""
     from .store import read_manifest, read_split, split_digest
 
     dom = domain if domain is not None else (cell.source if cell.source else spec.dataset.domain)
-    splits = _base_splits(spec.dataset, dom, train_fraction)
+    splits = _base_splits(spec.dataset, dom, json.loads(cell.config).get("train_fraction", TRAIN_FRACTION))
     train_name, test_name = spec.dataset.train_split, spec.dataset.test
     for s in (train_name, test_name):
         if s not in splits:

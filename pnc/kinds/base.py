@@ -27,6 +27,7 @@ class StudyKind:
     domains_in_spec: ClassVar[str] = ""  # where the kind names its domains instead of dataset.domain ("" = it does not)
     probes_per_class: ClassVar[bool] = False  # whether probe.samples_per_class applies
     curve_key: ClassVar[str] = "cdnv/train"  # the per-layer CDNV curve `pnc compare` and `pnc estimate-noise` read
+    curve_role: ClassVar[str] = "cell"  # the role of the runs that log it
 
     # ------------------------------------------------------------------ spec
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
@@ -57,9 +58,9 @@ class StudyKind:
         """Run one cell through ``study`` (:class:`pnc.engine.StudyRun`); returns its :class:`pnc.engine.CellOutcome`."""
         raise NotImplementedError
 
-    def runs_of(self, cells: list[Cell]) -> list[tuple[str, str]]:
-        """(cell id, role) of every run the study's cells make: all FINISHED = the study is complete."""
-        return [(c.id, "cell") for c in cells]
+    def runs_of(self, cells: list[Cell]) -> list[tuple[str, str, str]]:
+        """(cell id, role, name) of every run the study's cells make: all FINISHED = the study is complete."""
+        return [(c.id, "cell", c.name) for c in cells]
 
     def derive(self, spec: Any, out_root: Path) -> list[Path]:
         """The derived splits of a study (DVC stage ``derive@<study>``); most kinds have none."""

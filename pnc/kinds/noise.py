@@ -15,17 +15,20 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator
 
 from .. import catalog
-from ..catalog import model_depth, model_order
+from ..catalog import model_order
 from ..cells import NoiseSetting
 from ..errors import PncError, did_you_mean
 from ..spec import SpecBlock, StudySpecBase, no_duplicates, strings_of
 from .base import CellData, model_cells
 from .depth import DepthSweep
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KEYS = [("cdnv/train_noisy", "CDNV (noisy)", True), ("nc2/train_noisy", "NC2 (noisy)", False),
         ("mem_ratio/train", "memorization ratio", True), ("probe_acc/test", "probe accuracy (test)", False)]
@@ -196,28 +199,28 @@ class NoiseSweep(DepthSweep):
 
         if not isinstance(data.get("noise"), dict):
             return {"noise": None}
-            # each entry on its own: one bad rate must not hide a label set that does not exist
-            raw = data["noise"]
-            label, inputs = [], []
-            label_adapter = TypeAdapter(LabelNoiseSpec)
-            for entry in raw.get("label") if isinstance(raw.get("label"), list) else []:
-                try:
-                    label.append(label_adapter.validate_python(entry))
-                except ValidationError:
-                    # keeps indices; an entry that fails for another reason (a duplicate label set, a bad rate) still
-                    # has its kind and label set names checked
-                    kind = entry.get("kind") if isinstance(entry, dict) else None
-                    sets = entry.get("label_sets") if isinstance(entry, dict) else None
-                    label.append(SimpleNamespace(kind=kind if isinstance(kind, str) and kind in catalog.LABEL_NOISE_KINDS else None,
-                                                 label_sets=strings_of(sets)))
-            for entry in raw.get("input") if isinstance(raw.get("input"), list) else []:
-                try:
-                    inputs.append(InputNoiseSpec.model_validate(entry))
-                except ValidationError:
-                    corruption = entry.get("corruption") if isinstance(entry, dict) else None
-                    inputs.append(SimpleNamespace(corruption=corruption if isinstance(corruption, str)
-                                                  and corruption in catalog.CORRUPTIONS else None))
-            noise = SimpleNamespace(label=label, input=inputs, corrupted_test=raw.get("corrupted_test") is True)
+        # each entry on its own: one bad rate must not hide a label set that does not exist
+        raw = data["noise"]
+        label, inputs = [], []
+        label_adapter = TypeAdapter(LabelNoiseSpec)
+        for entry in raw.get("label") if isinstance(raw.get("label"), list) else []:
+            try:
+                label.append(label_adapter.validate_python(entry))
+            except ValidationError:
+                # keeps indices; an entry that fails for another reason (a duplicate label set, a bad rate) still
+                # has its kind and label set names checked
+                kind = entry.get("kind") if isinstance(entry, dict) else None
+                sets = entry.get("label_sets") if isinstance(entry, dict) else None
+                label.append(SimpleNamespace(kind=kind if isinstance(kind, str) and kind in catalog.LABEL_NOISE_KINDS else None,
+                                             label_sets=strings_of(sets)))
+        for entry in raw.get("input") if isinstance(raw.get("input"), list) else []:
+            try:
+                inputs.append(InputNoiseSpec.model_validate(entry))
+            except ValidationError:
+                corruption = entry.get("corruption") if isinstance(entry, dict) else None
+                inputs.append(SimpleNamespace(corruption=corruption if isinstance(corruption, str)
+                                              and corruption in catalog.CORRUPTIONS else None))
+        noise = SimpleNamespace(label=label, input=inputs, corrupted_test=raw.get("corrupted_test") is True)
         return {"noise": noise}
 
     def expand(self, spec: Any) -> list:

@@ -185,9 +185,9 @@ def _use_store(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
 def test_interrupt_at_the_end_of_a_study_closes_the_parent_run(finished: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, exc, status: str) -> None:
     """The study-level analyses run after the last cell: an interrupt or error there must not leave the parent RUNNING."""
-    from pnc import runner
+    from pnc import engine
+    from pnc.cells import expand
     from pnc.spec import load_spec
-    from pnc.study import expand
 
     d = tmp_path / "copy"
     shutil.copytree(finished, d, ignore=shutil.ignore_patterns("reports"))
@@ -197,9 +197,9 @@ def test_interrupt_at_the_end_of_a_study_closes_the_parent_run(finished: Path, t
     def boom(spec, parent):  # noqa: ARG001
         raise exc("injected")
 
-    monkeypatch.setattr(runner, "log_study_summary", boom)
+    monkeypatch.setattr(engine, "log_study_summary", boom)
     with pytest.raises(exc):
-        runner.run_study(spec, expand(spec), spec_path="specs/digits_depth.yaml", progress=False)
+        engine.run_study(spec, expand(spec), spec_path="specs/digits_depth.yaml", progress=False)
     c, cells, parents = _store(d)
     assert [x.info.status for x in cells] == ["FINISHED"], "the finished cell was skipped, untouched"
     assert parents[0].info.status == status
@@ -220,7 +220,7 @@ def _fake_save(chart, folder: Path, stem: str) -> list[str]:  # noqa: ARG001 - t
 @pytest.mark.parametrize("previous", [True, False], ids=["over-previous", "first-report"])
 def test_report_interrupted_mid_render_leaves_previous_or_nothing(finished: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch, previous: bool) -> None:
-    from pnc import report
+    from pnc import figures, report
     from pnc.spec import load_spec
 
     out = tmp_path / "reports"
@@ -237,7 +237,7 @@ def test_report_interrupted_mid_render_leaves_previous_or_nothing(finished: Path
             raise KeyboardInterrupt
         return _fake_save(chart, folder, stem)
 
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr(figures, "save", save)
     with pytest.raises(KeyboardInterrupt):
         report.render_study(load_spec("specs/digits_depth.yaml"), out)
     assert calls == ["layers", "extra"], "interrupted after the first chart was written"
@@ -252,7 +252,7 @@ def test_report_interrupted_mid_render_leaves_previous_or_nothing(finished: Path
 @pytest.mark.timeout(600)
 def test_report_interrupted_between_the_two_renames_restores_previous(finished: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from pnc import report
+    from pnc import figures, report
     from pnc.spec import load_spec
 
     out = tmp_path / "reports"
@@ -260,7 +260,7 @@ def test_report_interrupted_between_the_two_renames_restores_previous(finished: 
     shutil.copytree(finished / "reports" / "digits_depth", out / "digits_depth")
     before = _snapshot(out / "digits_depth")
     _use_store(monkeypatch, finished)
-    monkeypatch.setattr(report, "_save", _fake_save)
+    monkeypatch.setattr(figures, "save", _fake_save)
     real_replace = os.replace
     moved = []
 
@@ -272,7 +272,7 @@ def test_report_interrupted_between_the_two_renames_restores_previous(finished: 
             raise KeyboardInterrupt  # between moving the old report aside and moving the new one in
         return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(report.os, "replace", replace)
+    monkeypatch.setattr(figures.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         report.render_study(load_spec("specs/digits_depth.yaml"), out)
     monkeypatch.undo()

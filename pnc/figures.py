@@ -1,0 +1,148 @@
+"""Figures, tables and pages: Altair charts saved as offline HTML + PNG, HTML tables, a report page, and
+:func:`publish`, which swaps a finished report folder into place in one rename. Presentation only: the frames
+come from :mod:`pnc.frames`, the numbers from the kinds' analyses.
+"""
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import PncError
+from .tracking import tracking_uri
+
+LOG_METRICS = ("cdnv", "nc1")  # variability ratios spanning decades; accuracies, NC2 and memorization ratios stay linear
+
+
+def log_axis(key: str) -> bool:
+    """Whether a per-layer metric is drawn on a log axis: CDNV and NC1 (``cdnv/...``, ``nc1/...``) only."""
+    return key.split("/", 1)[0] in LOG_METRICS
+
+
+def no_runs(spec: Any, what: str = "runs") -> PncError:
+    """The error of a report with nothing to draw."""
+    return PncError(f"no finished {what} of study {spec.name!r} in MLflow ({tracking_uri()}); run `pnc run` or `dvc repro` first")
+
+
+def curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color_sort: list[str] | None,
+            width: int = 220, height: int = 150, rule: float | None = None):
+    import altair as alt
+
+    d = df[df.metric == key]
+    if log:
+        d = d[d.value > 0]
+    y = alt.Y("value:Q", title=title, scale=alt.Scale(type="log") if log else alt.Undefined)
+    base = alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=alt.X("layer:Q", title="layer (tapped block)", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=y,
+        color=alt.Color(f"{color}:N", sort=color_sort, title=color),
+        tooltip=["cell", "layer", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(width=width, height=height)
+    if rule is not None:
+        base = base + alt.Chart(pd.DataFrame({"y": [rule]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return base
+
+
+
+def save(chart: Any, folder: Path, stem: str) -> list[str]:
+    chart.save(str(folder / f"{stem}.html"), inline=True)
+    chart.save(str(folder / f"{stem}.png"), scale_factor=1.5)
+    return [f"{stem}.html", f"{stem}.png"]
+
+
+def page(title: str, sections: list[tuple[str, str]], warnings: list[str] = (), notes: list[str] = ()) -> str:
+    body = "\n".join(f"<section><h2>{html.escape(h)}</h2>\n{content}</section>" for h, content in sections)
+    top = "".join(f"<p class='warning'><b>Warning:</b> {html.escape(w)}</p>\n" for w in warnings)
+    top += "".join(f"<p class='note'><b>Note:</b> {html.escape(n)}</p>\n" for n in notes)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            "img{max-width:100%}.warning{background:#fff3cd;border:1px solid #d39e00;padding:.5em 1em}"
+            ".note{background:#eef;border:1px solid #99c;padding:.5em 1em}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>\n{top}{body}\n<p><a href='../index.html'>all reports</a></p></body></html>")
+
+
+def figure(stem: str) -> str:
+    return (f"<p><a href='{stem}.html'>interactive chart</a></p>"
+            f"<img src='{stem}.png' alt='{html.escape(stem)}'>")
+
+
+def fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain mkdir / open would: 0o777 & ~umask for folders,
+    0o666 & ~umask for files."""
+    mask = umask()
+    dmode, fmode = 0o777 & ~mask, 0o666 & ~mask
+    os.chmod(folder, dmode)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
+def publish(out: Path, name: str, fill) -> Path:
+    """Render into a temporary folder beside ``out/name`` with ``fill(tmp)``, then swap it in.
+
+    Never leaves a half-written ``out/name``: an interrupt before the swap keeps the previous
+    folder; one between the two renames puts the previous folder back. The published folder and its
+    files get the modes the umask gives (not mkdtemp's 0700), so others sharing the disk can read it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    old = None
+    try:
+        fill(tmp)
+        default_permissions(tmp)  # mkdtemp made it 0700: others sharing the disk could not read the report
+        if final.exists():
+            old = out / f".{name}-old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        if old is not None and old.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # interrupted between the two renames: put the previous report back
+                os.replace(old, final)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+
+def render_index(out: Path) -> Path:
+    """``out/index.html`` linking every study report found under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    items = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "index.html").exists()):
+        items.append(f"<li><a href='{html.escape(d.name)}/index.html'>{html.escape(d.name)}</a></li>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pnc reports</title></head><body>"
+            "<h1>pnc reports</h1><ul>" + "\n".join(items) + "</ul></body></html>")
+    path = out / "index.html"
+    tmp = path.with_name(f".index.html.{os.getpid()}")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path
+
