@@ -93,11 +93,11 @@ def main() -> None:
     images = args.samples * args.epochs
     plain, ours = [], []
     for r in range(args.repeats + 1):  # the first pair warms up and is discarded; the order alternates (ABBA)
-        def run_plain() -> float:
+        def run_plain(r: int = r) -> float:
             torch.manual_seed(r)
             return plain_loop(build_model(args.model, num_classes=10, image_size=args.image_size), ds, tspec, device, args.precision)
 
-        def run_pnc() -> float:
+        def run_pnc(r: int = r) -> float:
             torch.manual_seed(r)
             return pnc_loop(build_model(args.model, num_classes=10, image_size=args.image_size), ds, tspec, args.precision)
 

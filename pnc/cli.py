@@ -132,8 +132,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .spec import load_spec
     from .cells import expand
+    from .spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     cells = expand(spec)
@@ -147,8 +147,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .spec import load_spec
     from .cells import expand, find_cell
+    from .spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     cells = expand(spec)
@@ -179,9 +179,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
-    from .spec import load_spec
-
     from .registry import KINDS
+    from .spec import load_spec
 
     spec = load_spec(args.spec)
     for path in KINDS.get(spec.kind).derive(spec, Path(args.out)):

@@ -16,9 +16,10 @@ import hashlib
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import catalog, tracking
 from .errors import TrainingError
@@ -55,7 +56,7 @@ class StudyGuard:
     def __init__(self, main: bool):
         self.main, self.parent, self.open_run = main, None, None
 
-    def __enter__(self) -> "StudyGuard":
+    def __enter__(self) -> StudyGuard:
         self._old_term = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
 

@@ -7,8 +7,8 @@ message and exits with status 1, never a traceback. Messages name the fix: the f
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 class PncError(Exception):

@@ -15,7 +15,8 @@ import fnmatch
 import hashlib
 import math
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from pnc.errors import ModelError, did_you_mean
 
 PENULTIMATE = "penultimate"
 KEYWORDS = ("blocks", "stages")
-Selection = Union[str, Sequence[str], Mapping[str, Sequence[str]]]
+Selection = str | Sequence[str] | Mapping[str, Sequence[str]]
 
 # Class names of residual / transformer blocks, whatever library defines them.
 BLOCK_CLASSES = frozenset({
@@ -270,7 +271,7 @@ class FeatureExtractor:
             self._projections[name] = matrix
         return matrix
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, "OrderedDict[str, torch.Tensor]"]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, OrderedDict[str, torch.Tensor]]:
         was_training = self.model.training
         self._outputs = {}
         self._recording = True
@@ -295,7 +296,7 @@ class FeatureExtractor:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "FeatureExtractor":
+    def __enter__(self) -> FeatureExtractor:
         return self
 
     def __exit__(self, *exc: Any) -> None:

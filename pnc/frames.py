@@ -15,6 +15,10 @@ from .cells import expand
 from .registry import KINDS
 from .spec import load_spec
 
+# the scalar metrics of a run that run_frame keeps (per-layer curves have their own frame)
+RUN_METRICS = ("train/", "test/", "val/", "noise/", "final/", "best/", "efficient_depth/", "noise_map/", "transfer/")
+
+
 def noise_key(tag: Any) -> tuple:
     """Sort key of a noise tag: clean first, then per kind by numeric level (2 before 10)."""
     tag = str(tag)
@@ -130,7 +134,7 @@ def _runs(experiment: str, role: str) -> list:
     return runs
 
 
-def _selected(experiment: str, role: str, runs: "RunSelection | list | None") -> list:
+def _selected(experiment: str, role: str, runs: RunSelection | list | None) -> list:
     """The runs a frame is built from: a spec's (``RunSelection``), a given list, or else the newest run per cell name."""
     if isinstance(runs, RunSelection):
         return runs.runs(role)
@@ -139,7 +143,7 @@ def _selected(experiment: str, role: str, runs: "RunSelection | list | None") ->
     return _newest(_runs(experiment, role), _name_key)
 
 
-def layer_frame(experiment: str, keys: list[str], role: str = "cell", runs: "RunSelection | list | None" = None) -> pd.DataFrame:
+def layer_frame(experiment: str, keys: list[str], role: str = "cell", runs: RunSelection | list | None = None) -> pd.DataFrame:
     """One row per (run, metric, layer): run_id, cell, model, noise, source, target, metric, layer, rel_depth, value.
 
     ``runs``: a :class:`RunSelection` (the runs of a spec's cells), a list of runs, or None (the newest run per cell
@@ -163,7 +167,7 @@ def layer_frame(experiment: str, keys: list[str], role: str = "cell", runs: "Run
     return pd.DataFrame(rows)
 
 
-def run_frame(experiment: str, role: str = "cell", runs: "RunSelection | list | None" = None) -> pd.DataFrame:
+def run_frame(experiment: str, role: str = "cell", runs: RunSelection | list | None = None) -> pd.DataFrame:
     """One row per selected finished run (see :func:`layer_frame`): tags, ``epochs`` (param ``train.epochs``),
     ``overrides`` (the ``--set`` it was run with) and final scalar metrics; models shallowest first."""
     rows = []
@@ -171,7 +175,7 @@ def run_frame(experiment: str, role: str = "cell", runs: "RunSelection | list | 
         row = {"run_id": r.info.run_id, **{k: v for k, v in r.data.tags.items() if k.startswith("pnc.") or k in ("source", "target")}}
         row["epochs"] = r.data.params.get("train.epochs", "")
         row["overrides"] = _overrides_text(r.data.tags.get("pnc.overrides")) or "none"
-        row.update({k: v for k, v in r.data.metrics.items() if "/" not in k or k.startswith(("train/", "test/", "val/", "noise/", "final/", "best/", "efficient_depth/", "noise_map/", "transfer/"))})
+        row.update({k: v for k, v in r.data.metrics.items() if "/" not in k or k.startswith(RUN_METRICS)})
         rows.append(row)
     return _sort_runs(pd.DataFrame(rows))
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .catalog import TRAIN_FRACTION
+from .catalog import LABEL_NOISE_KINDS, TRAIN_FRACTION
 from .errors import PncError
 
 
@@ -222,7 +222,8 @@ def _print_node(node: dict, indent: str) -> None:
     print(f"{indent}{node['path']}  sha256:{digest}  [{mark}]" + (f"  {node['message']}" if node.get("message") and mark != "ok" else ""))
     m = node.get("manifest") or {}
     if "transform" in m:
-        extra = f", realised noise rate {m['realized_noise_rate']:.4f}" if m.get("realized_noise_rate") is not None and m.get("transform") in ("symmetric", "class_dependent", "human") else ""
+        label_noise = m.get("realized_noise_rate") is not None and m.get("transform") in LABEL_NOISE_KINDS
+        extra = f", realised noise rate {m['realized_noise_rate']:.4f}" if label_noise else ""
         print(f"{indent}  derived: {m['transform']} level {m.get('level')} seed {m.get('seed')}{extra}")
     raw = node.get("raw")
     if raw and raw.get("dataset"):

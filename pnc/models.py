@@ -13,8 +13,9 @@ torch hub / Hugging Face cache, and otherwise raises :class:`pnc.errors.ModelErr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -14,9 +14,9 @@ from typing import Any
 
 import pandas as pd
 
+from . import figures
 from .catalog import model_depth, model_order
 from .errors import PncError
-from . import figures
 from .figures import log_axis
 from .frames import RunSelection, experiment_of, layer_frame, noise_key, study_of
 from .registry import KINDS

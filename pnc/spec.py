@@ -23,11 +23,11 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    Tag,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
-    Tag,
 )
 
 from . import catalog
@@ -162,7 +162,7 @@ class LayerSelection(SpecBlock):
     names: list[str] = Field(default_factory=list, description="Module name glob patterns, e.g. 'layer3.*', 'penultimate'.")
 
     @model_validator(mode="after")
-    def _something(self) -> "LayerSelection":
+    def _something(self) -> LayerSelection:
         if not self.types and not self.names:
             raise ValueError("give at least one module class under 'types' or one name pattern under 'names'")
         no_duplicates(self.types)
@@ -182,8 +182,7 @@ def _selection_form(v: Any) -> str | None:
 
 
 Layers = Annotated[
-    Union[Annotated[Literal["blocks", "stages"], Tag("keyword")], Annotated[list[str], Tag("names")],
-          Annotated[LayerSelection, Tag("selection")]],
+    Annotated[Literal["blocks", "stages"], Tag("keyword")] | Annotated[list[str], Tag("names")] | Annotated[LayerSelection, Tag("selection")],
     Discriminator(_selection_form, custom_error_type="layers_form",
                   custom_error_message="expected 'blocks', 'stages', a list of module name patterns, "
                                        "or a mapping {types: [...], names: [...]}"),
@@ -281,13 +280,13 @@ class StudySpecBase(SpecBlock):
 def adapter() -> TypeAdapter:
     """The spec language: the union of every registered kind's spec class, discriminated on ``kind``."""
     classes = tuple(k.spec_class for k in KINDS.all())
-    return TypeAdapter(Annotated[Union[classes], Field(discriminator="kind")])
+    return TypeAdapter(Annotated[classes, Field(discriminator="kind")])
 
 
 def json_schema() -> dict:
     schema = adapter().json_schema()
     # a model entry is a bare name or a mapping (the BeforeValidator turns names into mappings)
-    for name, d in schema.get("$defs", {}).items():
+    for _name, d in schema.get("$defs", {}).items():
         models = d.get("properties", {}).get("models")
         if models and "items" in models:
             models["items"] = {"anyOf": [{"type": "string", "description": "model name"}, models["items"]]}
@@ -678,7 +677,8 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
         raise SpecError([Problem(file, 1, 1, "", "empty spec; a study needs at least kind, name, dataset and models")])
     if not isinstance(doc, dict):
         line, col = _position(doc, ())
-        raise SpecError([Problem(file, line, col, "", f"the document must be a mapping of keys (kind, name, dataset, ...), not a {'list' if isinstance(doc, list) else type(doc).__name__}")])
+        what = "list" if isinstance(doc, list) else type(doc).__name__
+        raise SpecError([Problem(file, line, col, "", f"the document must be a mapping of keys (kind, name, dataset, ...), not a {what}")])
     data = _to_plain(doc)
 
     def problem(loc: tuple, msg: str, at_key: bool = False) -> Problem:

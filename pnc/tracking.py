@@ -16,9 +16,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import __version__
 
@@ -402,7 +403,7 @@ def log_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     items = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, len(items), 90):
-        retrying(lambda: c.log_batch(run_id, tags=items[i:i + 90]))
+        retrying(lambda i=i: c.log_batch(run_id, tags=items[i:i + 90]))
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -413,7 +414,7 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     have = retrying(lambda: c.get_run(run_id)).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if have.get(k) != str(v)[:6000]]
     for i in range(0, len(items), 90):
-        retrying(lambda: c.log_batch(run_id, params=items[i:i + 90]))
+        retrying(lambda i=i: c.log_batch(run_id, params=items[i:i + 90]))
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -423,7 +424,7 @@ def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
     for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
 
 
 def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
@@ -441,7 +442,7 @@ def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
                 continue
             items.append(Metric(key, float(v), ts, layer))
     for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
 
 
 def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

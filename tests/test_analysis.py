@@ -10,8 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pnc.analysis import (detect_transition, efficient_depth, estimate_noise, fit_noise_map, intermediate_profile,
-                          rank_correlation, spearman, transfer_correlation)
+from pnc.analysis import (
+    detect_transition,
+    efficient_depth,
+    estimate_noise,
+    fit_noise_map,
+    intermediate_profile,
+    rank_correlation,
+    spearman,
+    transfer_correlation,
+)
 
 
 def piecewise(n: int, b1: float, b2: float, s1: float, s2: float, s3: float, noise: float = 0.0, seed: int = 0) -> np.ndarray:

@@ -138,3 +138,10 @@ def test_cli_start_up_imports_neither_torch_nor_mlflow() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ruff_is_clean() -> None:
+    """ruff (configured in pyproject.toml) on pnc/, tests/ and bench/."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "pnc", "tests", "bench"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

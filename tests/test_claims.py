@@ -164,7 +164,7 @@ def test_processes_claiming_one_cell_at_once_elect_one(tmp_path: Path, start: st
     procs = [subprocess.Popen([sys.executable, "claimer.py", str(i), str(n)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     decisions = [out.split() for out, _ in outs]
     winners = [d for d in decisions if d[0] == "run"]

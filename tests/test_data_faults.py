@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -242,7 +243,7 @@ def test_mini_imagenet_bad_header(tmp_path: Path) -> None:
 def test_mini_imagenet_missing_csv_and_images(tmp_path: Path) -> None:
     names = F.write_mini_imagenet_csv(tmp_path, per_class=6, size=8)
     (tmp_path / "images" / names["test"][2]).unlink()
-    fails(lambda: load_mini_imagenet(tmp_path), f"1 of the 30 images named in the CSVs are missing", names["test"][2])
+    fails(lambda: load_mini_imagenet(tmp_path), "1 of the 30 images named in the CSVs are missing", names["test"][2])
     (tmp_path / "test.csv").unlink()
     fails(lambda: load_mini_imagenet(tmp_path), "missing", str(tmp_path / "test.csv"), "train.csv, val.csv, test.csv")
 

@@ -13,8 +13,17 @@ from hypothesis import strategies as st
 import pnc.data.derive as derive
 import pnc.data.store as store
 from pnc.data.base import ImageSplit
-from pnc.data.derive import (CORRUPTION_CONSTANTS, INPUT_TRANSFORMS, TRANSFORMS, confusion_targets,
-                             corrupt_images, derivation_rng, derive_split, materialise, read_base)
+from pnc.data.derive import (
+    CORRUPTION_CONSTANTS,
+    INPUT_TRANSFORMS,
+    TRANSFORMS,
+    confusion_targets,
+    corrupt_images,
+    derivation_rng,
+    derive_split,
+    materialise,
+    read_base,
+)
 from pnc.data.embedded import load_digits
 from pnc.data.store import read_split, split_digest, write_split
 from pnc.errors import DataError

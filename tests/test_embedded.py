@@ -11,8 +11,18 @@ import sys
 import numpy as np
 import pytest
 
-from pnc.data.embedded import (DIGIT_CLASSES, DOMAINS, TYPESET_FONTS, generate_digit_domains, load_digits,
-                               load_embedded, render_domain, stratified_split, typeset_fonts, write_embedded)
+from pnc.data.embedded import (
+    DIGIT_CLASSES,
+    DOMAINS,
+    TYPESET_FONTS,
+    generate_digit_domains,
+    load_digits,
+    load_embedded,
+    render_domain,
+    stratified_split,
+    typeset_fonts,
+    write_embedded,
+)
 from pnc.data.store import read_split
 from pnc.errors import DataError
 

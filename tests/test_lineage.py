@@ -135,9 +135,8 @@ def _flip_cifar_pixel(batch: Path) -> None:
 
 def test_lineage_of_a_raw_cifar10_run(project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from fakedata import write_cifar10
-
-    from pnc.data.registry import load_cell_data
     from pnc.cells import expand
+    from pnc.data.registry import load_cell_data
 
     write_cifar10(project / "data/raw/cifar10")
     spec = _spec(project, "cifar10_depth.yaml", ["models=[resnet8]"])
@@ -168,10 +167,9 @@ def test_lineage_of_a_raw_cifar10_run(project: Path, capsys: pytest.CaptureFixtu
 
 def test_lineage_of_a_derived_split_goes_down_to_raw_cifar10(project: Path, capsys: pytest.CaptureFixture) -> None:
     from fakedata import write_cifar10
-
+    from pnc.cells import expand
     from pnc.data.registry import load_cell_data
     from pnc.lineage import trace
-    from pnc.cells import expand
 
     write_cifar10(project / "data/raw/cifar10")
     spec = _spec(project, "cifar10_random_labels.yaml", ["models=[resnet8]", "noise.label=[{kind: symmetric, rates: [0.2]}]"])
@@ -196,10 +194,9 @@ def test_lineage_of_an_office_home_transfer_target_run(project: Path, capsys: py
     """A target run re-hashes the target domain with the spec's train_fraction; a changed JPEG byte is drift;
     the DVC hash of the raw folder is recorded and printed; the target's train split is the probe input."""
     from fakedata import write_office_home
-
+    from pnc.cells import expand
     from pnc.data.registry import load_cell_data
     from pnc.lineage import trace
-    from pnc.cells import expand
 
     write_office_home(project / "data/raw/office_home", per_class=4, domains=("Art", "Clipart"))
     _dvc("init", "--no-scm", cwd=project)
@@ -295,12 +292,12 @@ def test_git_state_counts_untracked_files_as_dirty(project: Path) -> None:
 def test_lineage_reads_the_raw_split_from_the_logged_source(project: Path, capsys: pytest.CaptureFixture) -> None:
     """Inputs whose source records dataset, domain, split and train_fraction (``DataInput.source()``) need no
     run params; the md5 of the ``.dvc`` file at run time is shown when it differs from the one on disk."""
-    from fakedata import write_office_home
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from fakedata import write_office_home
     from pnc import tracking
-    from pnc.data.registry import load_cell_data
     from pnc.cells import expand
+    from pnc.data.registry import load_cell_data
 
     write_office_home(project / "data/raw/office_home", per_class=4, domains=("Product",))
     spec = _spec(project, "office_home.yaml", ["models=[resnet8]", "transfer.sources=[Product]", "transfer.targets=[Product]",

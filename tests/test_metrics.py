@@ -4,13 +4,13 @@ from __future__ import annotations
 import math
 import warnings
 
-import metrics_reference as ref
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import metrics_reference as ref
 from pnc.metrics import (
     ClassStats,
     MetricWarning,

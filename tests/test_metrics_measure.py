@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import math
 
-import metrics_reference as ref
 import numpy as np
 import pytest
 import torch
 
+import metrics_reference as ref
 from pnc.metrics import ClassStats, MetricWarning, fit_ridge, measure, validation_part
 
 

@@ -215,7 +215,6 @@ def test_log_axis_only_for_variability_metrics() -> None:
 def _calibration(image_size: str = "16") -> None:
     """A noise study calibrated for resnet8: level = log-CDNV profile, on levels 0..5."""
     from pnc import tracking
-
     from pnc.cells import expand
 
     spec = _spec(NOISE, "models=[resnet8]", f"dataset.image_size={image_size}")

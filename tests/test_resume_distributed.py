@@ -102,7 +102,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert r1.returncode == 0, r1.stderr
     two = _project(tmp_path, "two")
     env = dict(_env(two), OMP_NUM_THREADS="1")
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                         "--master_port", str(_free_port()),
                          "-m", "pnc.cli", "run", "specs/digits_depth.yaml", *sets], cwd=two, env=env,
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from pnc import catalog
-from pnc.errors import PncError, SpecError
-from pnc.spec import SCHEMA_LINE_PREFIX, SCHEMA_PATH, json_schema_text, load_spec, spec_digest
 from pnc.cells import expand
+from pnc.errors import PncError, SpecError
 from pnc.kinds.noise import noise_settings
+from pnc.spec import SCHEMA_LINE_PREFIX, SCHEMA_PATH, json_schema_text, load_spec, spec_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))

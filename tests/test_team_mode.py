@@ -94,13 +94,13 @@ def fan_out(cell_ids: list[str], cwd: Path, uri: str, tag: str) -> list[tuple[st
     deadline = time.time() + RUN_TIMEOUT
     out = []
     try:
-        for cid, p, log in procs:
+        for _cid, p, _log in procs:
             try:
                 p.wait(timeout=max(1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        for cid, p, log in procs:
+        for _cid, p, _log in procs:
             timed_out = p.poll() is None
             stop(p)
             log.close()

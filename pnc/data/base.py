@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class ImageSplit:
         with Image.open(self.paths[i]) as im:
             return np.asarray(im.convert("RGB"))
 
-    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> "ImageSplit":
+    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> ImageSplit:
         index = np.asarray(index, dtype=np.int64)
         return replace(
             self,
@@ -77,7 +77,7 @@ class ImageSplit:
             paths=None if self.paths is None else [self.paths[i] for i in index],
         )
 
-    def with_labels(self, labels: np.ndarray, name: str | None = None) -> "ImageSplit":
+    def with_labels(self, labels: np.ndarray, name: str | None = None) -> ImageSplit:
         return replace(self, name=name or self.name, labels=np.asarray(labels, dtype=np.int64))
 
     def digest(self) -> str:

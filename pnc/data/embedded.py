@@ -27,9 +27,9 @@ Rendered pixels may differ across FreeType/Pillow versions, which is why the DVC
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

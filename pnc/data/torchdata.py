@@ -8,7 +8,7 @@ batching and of the number of processes).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

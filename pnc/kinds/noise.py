@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -76,7 +76,7 @@ def _check_rates(v: list[float]) -> list[float]:
 
 
 LabelNoiseSpec = Annotated[
-    Union[SymmetricNoiseSpec, ClassDependentNoiseSpec, HumanNoiseSpec], Field(discriminator="kind")
+    SymmetricNoiseSpec | ClassDependentNoiseSpec | HumanNoiseSpec, Field(discriminator="kind")
 ]
 
 
@@ -423,12 +423,11 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
     if df.empty:
         raise no_runs(spec)
     sections = []
-    kinds = [k for k in df.noise_kind.unique() if k != "clean"]
-    for kind in kinds:
-        sub = df[(df.noise_kind == kind) | (df.noise == "clean")]
-        stem = f"noise_{kind}"
-        save(noise_chart(sub, f"{spec.name}: {kind}"), folder, stem)
-        sections.append((f"{kind}: collapse on noisy data, memorization ratio, probe accuracy", figure(stem)))
+    for nk in [k for k in df.noise_kind.unique() if k != "clean"]:
+        sub = df[(df.noise_kind == nk) | (df.noise == "clean")]
+        stem = f"noise_{nk}"
+        save(noise_chart(sub, f"{spec.name}: {nk}"), folder, stem)
+        sections.append((f"{nk}: collapse on noisy data, memorization ratio, probe accuracy", figure(stem)))
     runs = run_frame(spec.experiment, runs=sel)
     cols = [c for c in ["pnc.model", "pnc.noise", "epochs", "overrides", "noise/realized_rate", "train/final_acc",
                         "train/clean_input_acc", "test/acc", "pnc.memorization_layers"] if c in runs]
@@ -533,7 +532,7 @@ def estimate_noise_for_run(run_id: str, calibration: str | None = None, *, echo:
                 path = c.download_artifacts(parent.info.run_id, "analysis.json", tempfile.mkdtemp(prefix="pnc-"))
             except Exception:  # noqa: BLE001 - no analysis logged
                 continue
-            for name, m in (json.loads(Path(path).read_text()).get("noise_maps") or {}).items():
+            for _name, m in (json.loads(Path(path).read_text()).get("noise_maps") or {}).items():
                 if m["model"] == model:
                     maps.append((exp, m))
     if not maps:

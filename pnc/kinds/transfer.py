@@ -109,7 +109,7 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
         pass
     mv = tracking.retrying(lambda: c.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id))
     for alias in ("current", source_alias(source)):
-        tracking.retrying(lambda: c.set_registered_model_alias(name, alias, mv.version))
+        tracking.retrying(lambda alias=alias: c.set_registered_model_alias(name, alias, mv.version))
     return mv
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -180,7 +180,7 @@ class NearestClassMean:
         self.centred_means = s.mean[keep].to(F64) - self.center
         self.sq_norms = self.centred_means.square().sum(1)
 
-    def to(self, device: torch.device | str) -> "NearestClassMean":
+    def to(self, device: torch.device | str) -> NearestClassMean:
         for name in ("classes", "center", "centred_means", "sq_norms"):
             setattr(self, name, getattr(self, name).to(device))
         return self

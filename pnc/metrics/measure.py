@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,14 @@ from torch import Tensor
 from pnc.metrics.collapse import MetricWarning, NearestClassMean, cdnv, memorization_layers, memorization_ratio, nc1, nc2
 from pnc.metrics.comm import Comm
 from pnc.metrics.probes import (
-    LOGISTIC_CS, RIDGE_ALPHAS, CountSketch, FeatureCache, LinearProbe, fit_logistic, fit_ridge, validation_part,
+    LOGISTIC_CS,
+    RIDGE_ALPHAS,
+    CountSketch,
+    FeatureCache,
+    LinearProbe,
+    fit_logistic,
+    fit_ridge,
+    validation_part,
 )
 from pnc.metrics.stats import F64, ClassStats, ClassSummary, check_labels
 
@@ -117,7 +125,7 @@ def _features(extract: Callable, x: Any, names: list[str] | None) -> dict[str, T
 class _TrainLayer:
     """Accumulators for one layer over the training split."""
 
-    def __init__(self, name: str, dim: int, *, cfg: "_Config", device: torch.device, layer_index: int):
+    def __init__(self, name: str, dim: int, *, cfg: _Config, device: torch.device, layer_index: int):
         self.name, self.dim = name, dim
         L, K = cfg.num_labelings, cfg.num_classes
         self.nc1_ok = cfg.want_nc1 and dim <= cfg.nc1_dim_cap
@@ -140,7 +148,7 @@ class _TrainLayer:
             self.coll = ClassStats(K, dim, num_labelings=len(self.coll_labelings), scatter=self.nc1_ok, device=device)
         self._coll_cols = torch.tensor(self.coll_labelings, dtype=torch.int64, device=device)
 
-    def update(self, h: Tensor, y: Tensor, idx: Tensor, part: Tensor | None, cfg: "_Config") -> None:
+    def update(self, h: Tensor, y: Tensor, idx: Tensor, part: Tensor | None, cfg: _Config) -> None:
         x = h.to(F64)
         if self.coll is not None:
             self.coll._update(x, y.index_select(1, self._coll_cols), None)
@@ -168,7 +176,7 @@ class _TrainLayer:
 
 
 class _EvalLayer:
-    def __init__(self, dim: int, *, num_labelings: int, nc1_ok: bool, collapse: bool, cfg: "_Config", device):
+    def __init__(self, dim: int, *, num_labelings: int, nc1_ok: bool, collapse: bool, cfg: _Config, device):
         self.coll = (
             ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device)
             if collapse else None
@@ -540,7 +548,7 @@ def _eval_pass(
             assert st.coll is not None
             st.coll.all_reduce(comm)
         _warn_nonfinite(split, [(lay.name, [st.coll]) for lay, st in zip(layers, state)])
-    for i, (lay, st) in enumerate(zip(layers, state)):
+    for lay, st in zip(layers, state):
         if st.coll is not None:
             for l in range(st.coll.num_labelings):
                 for k, v in _collapse_values(st.coll.summary(l), cfg, lay.nc1_ok).items():

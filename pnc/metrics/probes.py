@@ -106,7 +106,7 @@ class LinearProbe:
     sketch: CountSketch | None = None
     info: dict = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "LinearProbe":
+    def to(self, device: torch.device | str) -> LinearProbe:
         self.weight, self.bias, self.center = self.weight.to(device), self.bias.to(device), self.center.to(device)
         if self.scale is not None:
             self.scale = self.scale.to(device)

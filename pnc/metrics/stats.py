@@ -21,8 +21,8 @@ parts). Nothing is stored per sample.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -108,7 +108,7 @@ class ClassSummary:
         n = self.count.to(F64)
         return (n.unsqueeze(1) * self.mean).sum(0) / n.sum().clamp_min(1.0)
 
-    def merge(self, other: "ClassSummary") -> "ClassSummary":
+    def merge(self, other: ClassSummary) -> ClassSummary:
         """Exact merge of the statistics of two disjoint sample sets."""
         s_a, s_b = self.scatter, other.scatter
         n, m, q, _ = chan_merge(self.count, self.mean, self.sq_dist, None, other.count, other.mean, other.sq_dist, None)
@@ -121,7 +121,7 @@ class ClassSummary:
             s = s[0]
         return ClassSummary(n, m, q, s)
 
-    def to(self, device: torch.device | str) -> "ClassSummary":
+    def to(self, device: torch.device | str) -> ClassSummary:
         return ClassSummary(
             self.count.to(device), self.mean.to(device), self.sq_dist.to(device),
             None if self.scatter is None else self.scatter.to(device),
@@ -274,13 +274,13 @@ class ClassStats:
             n_a.add_(nb)
 
     # ------------------------------------------------------------------ merging
-    def _check_compatible(self, other: "ClassStats") -> None:
+    def _check_compatible(self, other: ClassStats) -> None:
         a = (self.num_classes, self.dim, self.num_labelings, self.num_parts, self.scatter_labelings)
         b = (other.num_classes, other.dim, other.num_labelings, other.num_parts, other.scatter_labelings)
         if a != b:
             raise ValueError(f"cannot merge ClassStats with different layouts: {a} vs {b}")
 
-    def merge_(self, other: "ClassStats") -> "ClassStats":
+    def merge_(self, other: ClassStats) -> ClassStats:
         """Merge ``other`` (disjoint samples) into ``self``, exactly; returns ``self``."""
         self._check_compatible(other)
         o_count, o_mean, o_sq = (t.to(self.device) for t in (other.count, other.mean, other.sq_dist))
@@ -299,14 +299,14 @@ class ClassStats:
     def state_tensors(self) -> list[Tensor]:
         return [self.count, self.mean, self.sq_dist] + ([self.scatter] if self.scatter is not None else [])
 
-    def empty_like(self) -> "ClassStats":
+    def empty_like(self) -> ClassStats:
         flags = [l in self._scatter_slot for l in range(self.num_labelings)]
         return ClassStats(
             self.num_classes, self.dim, num_labelings=self.num_labelings, num_parts=self.num_parts,
             scatter=flags, device=self.device,
         )
 
-    def all_reduce(self, comm: Comm | None = None, *, accelerator=None) -> "ClassStats":
+    def all_reduce(self, comm: Comm | None = None, *, accelerator=None) -> ClassStats:
         """Replace the state by the exact merge over all processes (rank order), in place.
 
         Every process must call this with a ClassStats of the same layout. Uses ``comm`` or builds one
