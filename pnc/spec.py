@@ -280,7 +280,7 @@ class StudySpecBase(SpecBlock):
 def adapter() -> TypeAdapter:
     """The spec language: the union of every registered kind's spec class, discriminated on ``kind``."""
     classes = tuple(k.spec_class for k in KINDS.all())
-    return TypeAdapter(Annotated[classes, Field(discriminator="kind")])
+    return TypeAdapter(Annotated[Union[classes], Field(discriminator="kind")])  # noqa: UP007 - a runtime tuple of classes
 
 
 def json_schema() -> dict:
