@@ -26,6 +26,7 @@ class DatasetInfo:
     label_sets: tuple[str, ...] = ()  # human label sets usable as label noise
     raw_dir: str = ""  # folder under the data root
     description: str = ""
+    loader: str = ""  # "module:function" reading the raw files: (root, **{domain, train_fraction, seed} with domains)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -36,17 +37,17 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("digits_domains", 10, 16, 1, ("train", "test"), embedded=True,
                     domains=("handwritten", "typeset", "segment"),
                     description="ten digit classes in three rendering styles, generated offline by a DVC stage"),
-        DatasetInfo("cifar10", 10, 32, 3, ("train", "test"), raw_dir="cifar10",
+        DatasetInfo("cifar10", 10, 32, 3, ("train", "test"), raw_dir="cifar10", loader="pnc.data.cifar:load_cifar10",
                     label_sets=("clean", "aggre", "random1", "random2", "random3", "worse"),
                     description="CIFAR-10 python pickles; CIFAR-10N human label sets"),
-        DatasetInfo("cifar100", 100, 32, 3, ("train", "test"), raw_dir="cifar100",
+        DatasetInfo("cifar100", 100, 32, 3, ("train", "test"), raw_dir="cifar100", loader="pnc.data.cifar:load_cifar100",
                     label_sets=("clean", "noisy"),
                     description="CIFAR-100 python pickles; CIFAR-100N human label set"),
-        DatasetInfo("mini_imagenet", 100, 84, 3, ("train", "test"), raw_dir="mini_imagenet",
+        DatasetInfo("mini_imagenet", 100, 84, 3, ("train", "test"), raw_dir="mini_imagenet", loader="pnc.data.mini_imagenet:load_mini_imagenet",
                     description="Mini-ImageNet, all 100 classes merged, 500 train / 100 test per class"),
-        DatasetInfo("imagenet", 1000, 224, 3, ("train", "val"), raw_dir="imagenet",
+        DatasetInfo("imagenet", 1000, 224, 3, ("train", "val"), raw_dir="imagenet", loader="pnc.data.imagenet:load_imagenet",
                     description="ILSVRC2012 ImageFolder layout"),
-        DatasetInfo("office_home", 65, 224, 3, ("train", "test"), raw_dir="office_home",
+        DatasetInfo("office_home", 65, 224, 3, ("train", "test"), raw_dir="office_home", loader="pnc.data.office_home:load_office_home",
                     domains=("Art", "Clipart", "Product", "Real_World"),
                     description="Office-Home, four domains, seeded per-domain splits"),
     ]
@@ -99,12 +100,15 @@ def library_model_names() -> dict[str, frozenset[str]]:
     return {k: frozenset(v) for k, v in data.items() if isinstance(v, list)}
 
 
+MODEL_SOURCES = ("pnc", "torchvision", "timm")  # where a model name is looked up ("auto" in a spec: model_source)
+
+
 def model_source(name: str) -> str | None:
     """Which registry resolves ``name`` by default: 'pnc', 'torchvision', 'timm', or None."""
     if cifar_resnet_depth(name) is not None:
         return "pnc"
     libs = library_model_names()
-    for src in ("torchvision", "timm"):
+    for src in MODEL_SOURCES[1:]:
         if name in libs.get(src, ()):
             return src
     if "." in name and name.split(".", 1)[0] in libs.get("timm", ()):  # timm names with a weights tag

@@ -23,7 +23,7 @@ from torch import nn
 from pnc import catalog
 from pnc.errors import ModelError, did_you_mean
 
-SOURCES = ("pnc", "torchvision", "timm")
+SOURCES = catalog.MODEL_SOURCES
 CIFAR_STEM_MAX_SIZE = 64  # ResNets at or below this image size get the CIFAR stem automatically
 
 # --------------------------------------------------------------------------------------------------

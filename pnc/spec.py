@@ -84,7 +84,7 @@ class ModelSpec(SpecBlock):
     """One network: a timm/torchvision name verbatim, or one of pnc's CIFAR ResNets (resnet8, resnet20, ...)."""
 
     name: str
-    source: Literal["auto", "pnc", "torchvision", "timm"] = "auto"
+    source: Literal[("auto", *catalog.MODEL_SOURCES)] = "auto"
     cifar_stem: bool | None = Field(None, description="3x3 stride-1 stem, no max-pool; default: on for inputs <= 64 px.")
     pretrained: bool = False
     weights: str | None = Field(None, description="Local weights file for pretrained=true (nothing is downloaded).")

@@ -145,3 +145,15 @@ def test_ruff_is_clean() -> None:
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "pnc", "tests", "bench"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_dataset_with_raw_files_names_a_loader_that_exists() -> None:
+    import importlib
+
+    from pnc.catalog import DATASETS
+
+    for d in DATASETS.values():
+        if d.embedded:
+            continue
+        module, _, attr = d.loader.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{d.name}: loader {d.loader!r}"

@@ -8,6 +8,7 @@ truth: the noise settings of the study specs (:func:`pnc.study.noise_settings`).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -76,28 +77,12 @@ def _embedded_splits(name: str, domain: str | None) -> dict[str, tuple[ImageSpli
 
 
 def raw_splits(ds: Any, domain: str | None, train_fraction: float = TRAIN_FRACTION, seed: int = 0) -> dict[str, ImageSplit]:
-    name, root = ds.name, ds.root
-    if name == "cifar10":
-        from .cifar import load_cifar10
-
-        return load_cifar10(root)
-    if name == "cifar100":
-        from .cifar import load_cifar100
-
-        return load_cifar100(root)
-    if name == "mini_imagenet":
-        from .mini_imagenet import load_mini_imagenet
-
-        return load_mini_imagenet(root)
-    if name == "imagenet":
-        from .imagenet import load_imagenet
-
-        return load_imagenet(root)
-    if name == "office_home":
-        from .office_home import load_office_home
-
-        return load_office_home(root, domain=domain, train_fraction=train_fraction, seed=seed)
-    raise DataError(f"no loader for dataset {name!r}")  # pragma: no cover - catalog and loaders agree
+    """The splits of a dataset's raw files, read by the loader its catalog entry names (``DatasetInfo.loader``)."""
+    module, _, attr = ds.info.loader.partition(":")
+    if not module:  # pragma: no cover - every non-embedded catalog entry names its loader (tests/test_loaders.py)
+        raise DataError(f"no loader for dataset {ds.name!r}")
+    load = getattr(importlib.import_module(module), attr)
+    return load(ds.root, **({"domain": domain, "train_fraction": train_fraction, "seed": seed} if ds.info.domains else {}))
 
 
 def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = TRAIN_FRACTION) -> dict[str, tuple[ImageSplit, str, str]]:
