@@ -14,14 +14,15 @@ from typing import Any
 import pandas as pd
 
 from .errors import PncError
+from .metrics.geometry import REGISTRY
 from .tracking import tracking_uri
-
-LOG_METRICS = ("cdnv", "nc1")  # variability ratios spanning decades; accuracies, NC2 and memorization ratios stay linear
 
 
 def log_axis(key: str) -> bool:
-    """Whether a per-layer metric is drawn on a log axis: CDNV and NC1 (``cdnv/...``, ``nc1/...``) only."""
-    return key.split("/", 1)[0] in LOG_METRICS
+    """Whether a per-layer metric (a logged key ``<metric>/<split>``) is drawn on a log axis: as its metric's
+    registration says (variability ratios spanning decades, e.g. CDNV and NC1); keys of no metric: linear."""
+    m = REGISTRY.for_key(key)
+    return bool(m and m.log_axis)
 
 
 def no_runs(spec: Any, what: str = "runs") -> PncError:

@@ -32,12 +32,13 @@ from pydantic import (
 
 from . import catalog
 from .errors import PncError, Problem, SpecError, did_you_mean
+from .metrics.geometry import REGISTRY
+from .metrics.options import DEFAULTS, PROBES
 from .registry import KINDS
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "study.schema.json"
 SCHEMA_LINE_PREFIX = "# yaml-language-server: $schema="
 
-METRICS = ("cdnv", "nc1", "nc2", "ncc", "probe")
 _NAME_RE = r"^[a-z0-9][a-z0-9_\-]*$"
 
 
@@ -197,8 +198,9 @@ class MeasureSpec(SpecBlock):
                               "or {types: [module classes], names: [patterns]}."
     )
     reduction: str = Field("avgpool", pattern=r"^(avgpool|flatten|project:[1-9][0-9]*)$")
-    metrics: list[Literal["cdnv", "nc1", "nc2", "ncc", "probe"]] = Field(default_factory=lambda: list(METRICS), min_length=1)
-    nc1_dim_cap: int = Field(1024, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
+    metrics: list[Literal[REGISTRY.selectable()]] = Field(  # the metric registry's choices (docs/metrics.md)
+        default_factory=lambda: list(REGISTRY.defaults()), min_length=1)
+    nc1_dim_cap: int = Field(DEFAULTS.nc1_dim_cap, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
     batch_size: int = Field(256, ge=1, le=1_000_000)
 
     @field_validator("layers")
@@ -226,9 +228,9 @@ class MeasureSpec(SpecBlock):
 class ProbeSpec(SpecBlock):
     """Layer-wise linear probes: trained on the training split, scored on the test split."""
 
-    kind: Literal["ridge", "logistic"] = "ridge"
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Part of the training split held out to pick regularisation.")
-    max_samples: int = Field(50_000, ge=10, description="Cap on cached samples per layer (logistic probe).")
+    kind: Literal[PROBES] = PROBES[0]
+    val_fraction: float = Field(DEFAULTS.val_fraction, gt=0, lt=1, description="Part of the training split held out to pick regularisation.")
+    max_samples: int = Field(DEFAULTS.max_samples, ge=10, description="Cap on cached samples per layer (logistic probe).")
     samples_per_class: int | None = Field(None, ge=1, description="Target samples per class (kinds that probe other domains).")
 
 

@@ -38,3 +38,14 @@ def test_cited_tests_exist() -> None:
                 missing.append(f"{doc.name}: tests/.../{file}")
     assert cited > 20, "the reliability table cites its tests"
     assert not missing, f"docs cite tests that do not exist: {missing}"
+
+
+def test_metrics_doc_table_is_the_registry() -> None:
+    """docs/metrics.md's metric table is generated from the metric registry (REGISTRY.write_doc_table)."""
+    from pnc.metrics.geometry import REGISTRY
+    from pnc.metrics.registry import DOC_END, DOC_START
+
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    table = text.partition(DOC_START)[2].partition(DOC_END)[0].strip()
+    assert table == REGISTRY.doc_table(), ("docs/metrics.md is out of date: python -c \"from pnc.metrics.geometry import "
+                                           "REGISTRY as R; R.write_doc_table('docs/metrics.md')\"")

@@ -1,6 +1,7 @@
 """pnc's metric engine: streaming, exact neural-collapse statistics and layer-wise probes.
 
-Pure: no MLflow, no model code. Conventions: ``design/METRICS.md`` and ``docs/metrics.md``.
+Pure: no MLflow, no model code. Conventions: ``docs/metrics.md``. Names are imported lazily (PEP 562), so
+``pnc.metrics.registry``, ``pnc.metrics.geometry`` and ``pnc.metrics.options`` import without torch.
 
 Orchestrator
 ------------
@@ -49,49 +50,35 @@ Building blocks
 ``memorization_ratio``, ``memorization_layers``, ``NearestClassMean``, and the probes ``fit_ridge``,
 ``fit_logistic``, ``LinearProbe``, ``validation_part``.
 """
-from pnc.metrics.collapse import (
-    MetricWarning,
-    NearestClassMean,
-    between_class_eig,
-    cdnv,
-    cdnv_matrix,
-    class_variances,
-    memorization_layers,
-    memorization_ratio,
-    nc1,
-    nc2,
-    pairwise_sq_distances,
-)
-from pnc.metrics.comm import Comm
-from pnc.metrics.measure import (
-    METRICS,
-    Measurements,
-    class_summary,
-    collapse_metrics,
-    measure,
-    ncc_accuracy,
-)
-from pnc.metrics.probes import (
-    LOGISTIC_CS,
-    RIDGE_ALPHAS,
-    CountSketch,
-    FeatureCache,
-    LinearProbe,
-    fit_logistic,
-    fit_ridge,
-    ridge_moments,
-    ridge_solve,
-    ridge_val_mse,
-    validation_part,
-)
-from pnc.metrics.stats import ClassStats, ClassSummary, chan_merge
+from __future__ import annotations
 
-__all__ = [
-    "METRICS", "LOGISTIC_CS", "RIDGE_ALPHAS",
-    "measure", "Measurements", "collapse_metrics", "ncc_accuracy", "class_summary",
-    "ClassStats", "ClassSummary", "chan_merge", "Comm",
-    "cdnv", "cdnv_matrix", "nc1", "nc2", "class_variances", "between_class_eig", "pairwise_sq_distances",
-    "memorization_ratio", "memorization_layers", "NearestClassMean", "MetricWarning",
-    "CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments", "ridge_solve",
-    "ridge_val_mse", "validation_part",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "collapse": ("MetricWarning", "NearestClassMean", "cdnv", "cdnv_matrix", "class_variances", "geometry",
+                 "memorization_layers", "memorization_ratio", "nc1", "nc2"),
+    "comm": ("Comm",),
+    "geometry": ("Geometry", "REGISTRY", "pair_sq_distances"),
+    "measurement": ("METRICS", "Measurements", "class_summary", "collapse_metrics", "measure", "ncc_accuracy"),
+    "options": ("DEFAULTS", "MeasureOptions", "LOGISTIC_CS", "RIDGE_ALPHAS"),
+    "probes": ("CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments",
+               "ridge_solve", "ridge_val_mse", "validation_part"),
+    "registry": ("Metric",),
+    "stats": ("ClassStats", "ClassSummary", "chan_merge"),
+}
+_MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pnc.metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pnc.metrics.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

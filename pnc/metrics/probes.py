@@ -37,10 +37,8 @@ import torch
 from torch import Tensor
 
 from pnc.metrics.comm import Comm
+from pnc.metrics.options import LOGISTIC_CS, RIDGE_ALPHAS
 from pnc.metrics.stats import F64, ClassSummary
-
-RIDGE_ALPHAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 4))
-LOGISTIC_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _VAL_SALT = 0x5EED0001
@@ -121,6 +119,18 @@ class LinearProbe:
 
     def predict(self, h: Tensor) -> Tensor:
         return self.logits(h).argmax(1)
+
+    def in_feature_space(self) -> tuple[Tensor, Tensor]:
+        """The same map as ``logits`` written on the unreduced features: ``(weight (K, D), bias (K,))``
+        with logits = h @ weight.T + bias (the sketch, centre and scale folded in), float64."""
+        w = self.weight.to(F64)
+        if self.scale is not None:
+            w = w / self.scale.to(F64).unsqueeze(1)
+        bias = self.bias.to(F64) - self.center.to(F64) @ w
+        if self.sketch is not None:  # sketch(h)_j = sum_{i: bucket_i = j} sign_i h_i
+            sk = self.sketch
+            w = w.index_select(0, sk.bucket.to(w.device)) * sk.sign.to(w.device).unsqueeze(1)
+        return w.T.contiguous(), bias
 
 
 # ----------------------------------------------------------------------------- ridge

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pnc.metrics.collapse import MetricWarning, NearestClassMean, cdnv, memorization_layers, memorization_ratio, nc1, nc2
+from pnc.metrics.collapse import MetricWarning, NearestClassMean, geometry, memorization_layers, memorization_ratio
 from pnc.metrics.comm import Comm
+from pnc.metrics.geometry import REGISTRY
+from pnc.metrics.options import DEFAULTS, PROBES
 from pnc.metrics.probes import (
-    LOGISTIC_CS,
-    RIDGE_ALPHAS,
     CountSketch,
     FeatureCache,
     LinearProbe,
@@ -29,9 +29,7 @@ from pnc.metrics.probes import (
 )
 from pnc.metrics.stats import F64, ClassStats, ClassSummary, check_labels
 
-METRICS: tuple[str, ...] = ("cdnv", "nc1", "nc2", "ncc", "probe")
-COLLAPSE_METRICS: tuple[str, ...] = ("cdnv", "nc1", "nc2")
-PROBES: tuple[str, ...] = ("ridge", "logistic")
+METRICS: tuple[str, ...] = REGISTRY.defaults()  # the default selection; every choice: REGISTRY.selectable()
 TRAIN = "train"
 
 
@@ -210,11 +208,12 @@ class _Config:
 
     @property
     def want_nc1(self) -> bool:
-        return "nc1" in self.metrics
+        """Whether a selected metric needs the D x D within-class scatter (NC1)."""
+        return any("scatter" in REGISTRY[m].needs for m in self.metrics)
 
     @property
     def want_collapse(self) -> bool:
-        return any(m in self.metrics for m in COLLAPSE_METRICS)
+        return any(REGISTRY[m].from_class_stats for m in self.metrics)
 
     @property
     def want_stats(self) -> bool:
@@ -238,14 +237,11 @@ def _resolve_probe_col(probe_labels: str | int | None, names: tuple[str, ...]) -
 
 
 def _collapse_values(s: ClassSummary, cfg: _Config, nc1_ok: bool) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if "cdnv" in cfg.metrics:
-        out["cdnv"] = cdnv(s)
-    if "nc1" in cfg.metrics:
-        out["nc1"] = nc1(s) if nc1_ok else math.nan
-    if "nc2" in cfg.metrics:
-        out["nc2"] = nc2(s)
-    return out
+    """{logged key prefix: value} of every selected metric from class statistics (the registry's); those that
+    need the scatter are NaN on layers wider than ``nc1_dim_cap`` (warned once per measurement)."""
+    g = geometry(s)
+    return {m.key: m.compute(g) if nc1_ok or "scatter" not in m.needs else math.nan
+            for m in REGISTRY.from_class_stats() if m.name in cfg.metrics}
 
 
 # ----------------------------------------------------------------------------- measure
@@ -259,13 +255,13 @@ def measure(
     metrics: Sequence[str] = METRICS,
     probe: str | None = "ridge",
     probe_labels: str | int | None = None,
-    nc1_dim_cap: int = 1024,
-    probe_dim_cap: int = 4096,
-    val_fraction: float = 0.2,
+    nc1_dim_cap: int = DEFAULTS.nc1_dim_cap,
+    probe_dim_cap: int = DEFAULTS.probe_dim_cap,
+    val_fraction: float = DEFAULTS.val_fraction,
     seed: int = 0,
-    ridge_alphas: Sequence[float] = RIDGE_ALPHAS,
-    logistic_cs: Sequence[float] = LOGISTIC_CS,
-    logistic_max_samples: int = 50_000,
+    ridge_alphas: Sequence[float] = DEFAULTS.ridge_alphas,
+    logistic_cs: Sequence[float] = DEFAULTS.logistic_cs,
+    logistic_max_samples: int = DEFAULTS.max_samples,
     accelerator: Any = None,
     progress: bool = True,
 ) -> Measurements:
@@ -302,9 +298,9 @@ def measure(
     if not names or len(set(names)) != len(names):
         raise ValueError(f"label_names must be non-empty and distinct; got {list(label_names)}")
     mset = tuple(dict.fromkeys(str(m) for m in metrics))
-    unknown = [m for m in mset if m not in METRICS]
+    unknown = [m for m in mset if m not in REGISTRY.selectable()]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; available: {list(METRICS)}")
+        raise ValueError(f"unknown metrics {unknown}; available: {list(REGISTRY.selectable())}")
     if probe is not None and probe not in PROBES:
         raise ValueError(f"probe must be one of {list(PROBES)} or None; got {probe!r}")
     want_probe = "probe" in mset and probe is not None
@@ -616,7 +612,7 @@ def class_summary(
     return st.summary()
 
 
-def collapse_metrics(features: Any, labels: Any, num_classes: int, *, nc1_dim_cap: int = 1024) -> dict[str, float]:
+def collapse_metrics(features: Any, labels: Any, num_classes: int, *, nc1_dim_cap: int = DEFAULTS.nc1_dim_cap) -> dict[str, float]:
     """{"cdnv", "nc1", "nc2"} of one layer's features (N, D) under labels (N,), torch or numpy, float64,
     through the same streaming accumulator as :func:`measure`. NC1 is NaN (with a MetricWarning) when
     D > ``nc1_dim_cap``."""
@@ -625,7 +621,8 @@ def collapse_metrics(features: Any, labels: Any, num_classes: int, *, nc1_dim_ca
     s = class_summary(x, labels, num_classes, scatter=ok)
     if not ok:
         warnings.warn(f"NC1 skipped (NaN): D = {x.shape[1]} > nc1_dim_cap = {nc1_dim_cap}", MetricWarning, stacklevel=2)
-    return {"cdnv": cdnv(s), "nc1": nc1(s) if ok else math.nan, "nc2": nc2(s)}
+    g = geometry(s)
+    return {name: REGISTRY[name].compute(g) if ok or name != "nc1" else math.nan for name in ("cdnv", "nc1", "nc2")}
 
 
 def ncc_accuracy(ref_features: Any, ref_labels: Any, features: Any, labels: Any, num_classes: int,
