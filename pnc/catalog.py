@@ -27,6 +27,7 @@ class DatasetInfo:
     raw_dir: str = ""  # folder under the data root
     description: str = ""
     loader: str = ""  # "module:function" reading the raw files: (root, **{domain, train_fraction, seed} with domains)
+    user: bool = False  # the researcher's own files under dataset.root; classes, channels and size read from them
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -50,6 +51,10 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("office_home", 65, 224, 3, ("train", "test"), raw_dir="office_home", loader="pnc.data.office_home:load_office_home",
                     domains=("Art", "Clipart", "Product", "Real_World"),
                     description="Office-Home, four domains, seeded per-domain splits"),
+        DatasetInfo("image_folder", 0, 0, 3, ("train", "test"), loader="pnc.data.user:load_image_folder", user=True,
+                    description="your images, one folder per split and class (torchvision ImageFolder layout)"),
+        DatasetInfo("arrays", 0, 0, 3, ("train", "test"), loader="pnc.data.user:load_arrays", user=True,
+                    description="your arrays: <split>/images.npy (uint8 N x H x W x C) + labels.npy, optional classes.json"),
     ]
 }
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import PncError, did_you_mean
 from .registry import KINDS
-from .spec import ModelSpec
+from .spec import ModelSpec, factory_file, file_digest
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ def base_config(spec: Any, model: ModelSpec) -> dict:
     d = spec.model_dump(mode="json")
     return {
         "kind": spec.kind,
-        "dataset": d["dataset"],
-        "model": model.model_dump(mode="json"),
+        "dataset": {k: v for k, v in d["dataset"].items() if not (k == "splits" and v is None)},  # ids kept from before splits
+        "model": model.config() | ({"factory_digest": file_digest(factory_file(model.factory))} if model.factory else {}),
         "train": d["train"],
         "measure": d["measure"],
         "probe": d["probe"],

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec field, value parsed as YAML: --set train.epochs=1 --set 'models=[resnet8]'")
         if name == "plan":
-            r.add_argument("--json", action="store_true", help="machine-readable output")
+            r.add_argument("--json", action="store_true", help="machine-readable output (cells only, unless --taps)")
+            r.add_argument("--taps", action="store_true", help="with --json: also each model's taps (text output has them)")
         else:
             r.add_argument("--cell", action="append", default=[], metavar="ID", help="run only this cell (id or name; repeatable)")
             r.add_argument("--force", action="store_true", help="re-run cells that already finished")
@@ -143,6 +144,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"{spec.name} ({spec.kind}): {len(cells)} cell(s)")
         for c in cells:
             print(f"  {c.id}  {c.name}")
+    if args.taps or not args.json:
+        from .engine import planned_taps  # builds each model on the meta device: torch, no weights, no data
+
+        taps = planned_taps(spec, cells)
+        if args.json:
+            print(json.dumps({m: t if isinstance(t, str) else [{"name": n, "type": ty, "shape": list(s)} for n, ty, s in t]
+                              for m, t in taps.items()}, indent=2))
+        else:
+            for model, t in taps.items():
+                print(f"{model}: " + (t if isinstance(t, str) else f"{len(t)} taps (measure.layers: "
+                                      f"{spec.measure.layers if isinstance(spec.measure.layers, str) else 'custom'})"))
+                for n, ty, s in [] if isinstance(t, str) else t:
+                    print(f"  {n:<28} {ty:<22} {' x '.join(map(str, s[1:]))}")
     return 0
 
 

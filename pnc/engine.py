@@ -98,7 +98,7 @@ def study_params(spec: Any) -> dict[str, str]:
 
 def cell_params(spec: Any, cell: Any) -> dict[str, str]:
     params = study_params(spec)
-    for k, v in cell.model.model_dump(mode="json").items():
+    for k, v in cell.model.config().items():
         params[f"model.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     return {**params, **KINDS.get(spec.kind).cell_params(cell)}
 
@@ -118,14 +118,19 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- building and measuring networks
-def build_cell_model(spec: Any, model: Any, *, pretrained: bool = True):
-    """The network of a model entry, for the spec's dataset (weights only with ``pretrained``)."""
-    from .models import build_model
+def build_cell_model(spec: Any, model: Any, *, pretrained: bool = True, strict: bool = False):
+    """The network of a model entry (a library/pnc name or your ``factory``), for the spec's dataset (weights only
+    with ``pretrained``; ``strict``: the weights file is this network's own checkpoint)."""
+    from .models import build_factory_model, build_model
 
     info = spec.dataset.info
+    weights = model.weights if pretrained else None
+    if model.factory:
+        return build_factory_model(model.factory, num_classes=info.num_classes, in_chans=info.channels, weights=weights,
+                                   **model.kwargs)
     return build_model(model.name, num_classes=info.num_classes, in_chans=info.channels, image_size=spec.dataset.size,
                        source=model.source, cifar_stem=model.cifar_stem, pretrained=model.pretrained and pretrained,
-                       weights=model.weights if pretrained else None, **model.kwargs)
+                       weights=weights, strict_weights=strict, **model.kwargs)
 
 
 def check_layer_selection(spec: Any, cells: list) -> None:
@@ -137,12 +142,35 @@ def check_layer_selection(spec: Any, cells: list) -> None:
     from .features import select_layers
 
     for m in {c.model.name: c.model for c in cells}.values():
-        try:
-            with torch.device("meta"):
-                model = build_cell_model(spec, m, pretrained=False)
-        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is checked when it trains
+        if m.uri:  # a logged model: its layers are checked once it is loaded
             continue
+        if m.factory:  # your code: built for real once here, so that its errors stop the study before any run
+            model = build_cell_model(spec, m, pretrained=False)
+        else:
+            try:
+                with torch.device("meta"):
+                    model = build_cell_model(spec, m, pretrained=False)
+            except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is checked when it trains
+                continue
         select_layers(model, spec.measure.layer_selection)
+
+
+def planned_taps(spec: Any, cells: list) -> dict[str, list[tuple[str, str, tuple]] | str]:
+    """Per model of the study: its taps (name, type, output shape at the spec's image size), or why they are not
+    known before the study runs (a logged model is loaded only then)."""
+    import torch
+
+    from .features import tap_shapes
+
+    out: dict[str, list | str] = {}
+    for m in {c.model.name: c.model for c in cells}.values():
+        if m.uri:
+            out[m.name] = f"resolved when {m.uri} is loaded"
+            continue
+        with torch.device("meta"):
+            model = build_cell_model(spec, m, pretrained=False)
+        out[m.name] = tap_shapes(model, spec.measure.layer_selection, spec.dataset.info.channels, spec.dataset.size)
+    return out
 
 
 def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None):

@@ -71,7 +71,14 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 def block_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every residual / transformer block (outermost only), in registration (= forward) order."""
+    """Every residual / transformer block (outermost only), in registration (= forward) order. A model can declare
+    its own blocks: a ``pnc_blocks`` attribute listing module names in forward order (your architecture's taps)."""
+    declared = getattr(model, "pnc_blocks", None)
+    if declared is not None:
+        try:
+            return [(str(n), model.get_submodule(str(n))) for n in declared]
+        except AttributeError as e:
+            raise ModelError(f"{type(model).__name__}.pnc_blocks names a module it does not have: {e}") from None
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if type(module).__name__ in BLOCK_CLASSES and not any(name.startswith(f"{n}.") for n, _ in found):
@@ -101,7 +108,7 @@ def select_layers(model: nn.Module, selection: Selection = "blocks") -> list[tup
         if not found:
             raise ModelError(
                 f"layer selection {selection!r} found no residual or transformer blocks in "
-                f"{type(model).__name__}; list module name patterns instead.{_sample(model, selection)}"
+                f"{type(model).__name__}; choose its layers by name or type instead. {candidates(model)}"
             )
         return found + [(PENULTIMATE, classifier(model))]
     patterns, types = _parse_selection(selection)
@@ -144,6 +151,41 @@ def _parse_selection(selection: Selection) -> tuple[list[str], list[str]]:
     if not patterns and not types or not all(isinstance(s, str) for s in patterns + types):
         raise ModelError(f"layer selection {selection!r} is empty or not made of strings")
     return patterns, types
+
+
+def tap_shapes(model: nn.Module, selection: Selection, channels: int, image_size: int) -> list[tuple[str, str, tuple]]:
+    """(name, module type, output shape) of each tap for one input of the given size, traced on the meta device
+    (no memory, no weights); the "penultimate" tap's shape is its classifier's input."""
+    import torch
+
+    taps = select_layers(model, selection)
+    shapes: dict[str, tuple] = {}
+
+    def hook(name: str, want_input: bool):
+        def fn(mod, args, out):  # noqa: ARG001
+            t = args[0] if want_input else out
+            shapes[name] = tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+        return fn
+
+    handles = [m.register_forward_hook(hook(n, n == PENULTIMATE)) for n, m in taps]
+    try:
+        with torch.no_grad():
+            model.to("meta").eval()(torch.empty(1, channels, image_size, image_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, type(m).__name__, shapes.get(n, ())) for n, m in taps]
+
+
+def candidates(model: nn.Module) -> str:
+    """The model's top-level modules and its repeated module types: what a layer selection can name."""
+    from collections import Counter
+
+    top = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children()) or "none"
+    counts = Counter(type(m).__name__ for n, m in model.named_modules() if n)
+    repeated = ", ".join(f"{t} (x{c})" for t, c in counts.most_common() if c > 1) or "none"
+    return (f"Top-level modules: {top}. Repeated module types: {repeated}. E.g. `layers: {{types: [{counts.most_common(1)[0][0] if counts else 'Conv2d'}]}}` "
+            "or `layers: ['features.*']`.")
 
 
 def _sample(model: nn.Module, wanted: str) -> str:

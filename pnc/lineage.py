@@ -165,8 +165,9 @@ def _is_store_split(uri: str, stage: str | None) -> bool:
     return any(p == r or r in p.parents for r in (EMBEDDED_ROOT, DERIVED_ROOT))
 
 
-def trace(run_id: str) -> dict:
-    """The lineage of one run as a JSON-able dict with an overall ``consistent`` flag."""
+def trace(run_id: str, depth: int = 0) -> dict:
+    """The lineage of one run as a JSON-able dict with an overall ``consistent`` flag; a run that measured a logged
+    model walks on to the run that trained it (``model_run``, its own lineage)."""
     from . import tracking
 
     c = tracking.client()
@@ -201,18 +202,20 @@ def trace(run_id: str) -> dict:
             spec_node.update(status="invalid", message=str(e).splitlines()[0])
     else:
         spec_node["status"] = "missing"
-    model_uri = tags.get("pnc.model_uri")
+    model_uri = tags.get(tracking.TAG_MODEL_URI)
+    model_run = trace(tags[tracking.TAG_MODEL_RUN], depth + 1) if tags.get(tracking.TAG_MODEL_RUN) and depth < 4 else None
 
     def bad(node: dict) -> list[str]:
         out = [node["message"]] if node.get("status") in ("drifted", "missing") else []
         return out + (bad(node["base"]) if "base" in node else [])
 
-    problems = [m for i in inputs for m in bad(i["check"])]
+    problems = [m for i in inputs for m in bad(i["check"])] + (model_run["problems"] if model_run else [])
     return {
         "run_id": run_id, "run_name": run.info.run_name, "status": run.info.status,
         "cell": tags.get(tracking.TAG_CELL_NAME), "cell_id": tags.get(tracking.TAG_CELL),
         "git_commit": tags.get("pnc.git_commit"), "git_dirty": tags.get("pnc.git_dirty"), "pnc_version": tags.get("pnc.version"),
-        "spec": spec_node, "model_uri": model_uri, "inputs": inputs, "problems": problems, "consistent": not problems,
+        "spec": spec_node, "model_uri": model_uri, "model_run": model_run, "inputs": inputs, "problems": problems,
+        "consistent": not problems,
     }
 
 
@@ -245,6 +248,20 @@ def _print_node(node: dict, indent: str) -> None:
         _print_node(node["base"], indent + "    ")
 
 
+def _print_run(info: dict, indent: str) -> None:
+    """The model a run measured (and, walking on, the run that trained it), then its data inputs."""
+    if info["model_uri"]:
+        print(f"{indent}model: {info['model_uri']}")
+        m = info.get("model_run")
+        if m:
+            print(f"{indent}  trained in run {m['run_id']} ({m['cell'] or m['run_name']}, {m['status']}), "
+                  f"spec {m['spec']['path']}, git {m['git_commit']}")
+            _print_run(m, indent + "    ")
+    for i in info["inputs"]:
+        print(f"{indent}{i['context']}: {i['name']}")
+        _print_node(i["check"], indent + "  ")
+
+
 def lineage(run_id: str, *, as_json: bool = False) -> int:
     info = trace(run_id)
     if as_json:
@@ -259,11 +276,7 @@ def lineage(run_id: str, *, as_json: bool = False) -> int:
             print(f"    the spec file changed since the run (digest now {s.get('current_digest')}): to reproduce the run, "
                   f"use the spec of git commit {info['git_commit']}")
         print(f"  code: pnc {info['pnc_version']}, git {info['git_commit']} (dirty: {info['git_dirty']})")
-        if info["model_uri"]:
-            print(f"  model: {info['model_uri']}")
-        for i in info["inputs"]:
-            print(f"  {i['context']}: {i['name']}")
-            _print_node(i["check"], "    ")
+        _print_run(info, "  ")
         print("consistent: every input still has the hash the run logged" if info["consistent"]
               else "DRIFT:\n" + "\n".join(f"  - {p}" for p in info["problems"]))
     if not info["consistent"]:

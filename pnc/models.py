@@ -258,6 +258,7 @@ def build_model(
     cifar_stem: bool | None = None,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    strict_weights: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` for ``num_classes`` classes and ``in_chans`` x ``image_size`` x ``image_size`` inputs.
@@ -265,16 +266,68 @@ def build_model(
     ``source``: "auto" (``catalog.model_source``), "pnc", "torchvision" or "timm".
     ``cifar_stem``: None = automatic (torchvision/timm ResNets at ``image_size <= 64``).
     ``pretrained`` / ``weights``: load a local file (``weights`` implies ``pretrained``); never downloads.
+    ``strict_weights``: the file is this very network's (a checkpoint to measure): loaded after the stem is
+    adapted, every key and shape must match (no head left at its init, no input conv adapted).
     ``kwargs`` override the registry defaults for the image size (e.g. Swin ``patch_size``).
     Initialisation draws from torch's global generator, so ``torch.manual_seed`` makes it repeatable.
     """
     src = resolve_source(name, source)
     weights_file = find_weights(name, src, weights) if (pretrained or weights is not None) else None
     args = dict(model_defaults(name, src, image_size), **kwargs)
-    model = _BUILDERS[src](name, num_classes=num_classes, in_chans=in_chans, weights_file=weights_file, **args)
+    model = _BUILDERS[src](name, num_classes=num_classes, in_chans=in_chans,
+                           weights_file=None if strict_weights else weights_file, **args)
     if _wants_cifar_stem(model, src, image_size, cifar_stem, name):
         apply_cifar_stem(model, in_chans)
+    if strict_weights and weights_file is not None:
+        load_weights_file(model, weights_file, strict=True)
     return model
+
+
+def build_factory_model(factory: str, *, num_classes: int, in_chans: int, weights: str | Path | None = None,
+                        **kwargs: Any) -> nn.Module:
+    """Your architecture: ``factory`` ('path/file.py:function' or 'package.module:function') called with ``kwargs``
+    (and ``num_classes`` / ``in_chans`` when it takes them); ``weights`` loaded strictly."""
+    import inspect
+
+    fn = load_factory(factory)
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if k in params or takes_any}
+    try:
+        model = fn(**given, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code: say where it failed
+        raise ModelError(f"factory {factory!r} raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights_file(model, find_weights(factory, "factory", weights), strict=True)
+    return model
+
+
+def load_factory(factory: str) -> Callable[..., Any]:
+    """The function a ``factory`` reference names: its file is run (or its module imported) here."""
+    import importlib
+    import importlib.util
+
+    target, _, name = factory.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser().resolve()
+            spec = importlib.util.spec_from_file_location(f"pnc_factory_{path.stem}", path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise ModelError(f"factory file {target!r} not found")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import
+        raise ModelError(f"factory {factory!r}: importing {target} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ModelError(f"factory {factory!r}: {target} has no function {name!r}")
+    return fn
 
 
 def _wants_cifar_stem(model: nn.Module, source: str, image_size: int, cifar_stem: bool | None, name: str) -> bool:
@@ -412,13 +465,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
-def load_weights_file(model: nn.Module, path: Path) -> nn.Module:
+def load_weights_file(model: nn.Module, path: Path, *, strict: bool = False) -> nn.Module:
     """Load ``path`` into ``model``; a classifier of another size keeps its fresh init, a first conv of
-    another input width is adapted; any other mismatch raises ModelError."""
+    another input width is adapted; any other mismatch raises ModelError. ``strict``: the file must be this
+    network's own (measuring a checkpoint): the first key missing, unexpected or of another shape is an error."""
     from timm.models import adapt_input_conv
 
     state = read_state_dict(path)
     own = model.state_dict()
+    if strict:
+        problem = next((f"key {k!r} is missing from the file" for k in own if k not in state), None) or next(
+            (f"key {k!r} of the file is not in the model" for k in state if k not in own), None) or next(
+            (f"key {k!r} has shape {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+             + (" (another number of classes?)" if own[k].ndim and own[k].shape[0] != state[k].shape[0] else "")
+             for k in own if own[k].shape != state[k].shape), None)
+        if problem:
+            raise ModelError(f"weights file {str(path)!r} is not a {type(model).__name__} like this one: {problem}")
+        model.load_state_dict(state, strict=True)
+        return model
     head = _classifier_prefix(model)
     first_conv = next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), "")
     fitted: dict[str, torch.Tensor] = {}

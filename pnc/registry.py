@@ -43,4 +43,5 @@ KINDS = Registry("study kind", {
     "depth_sweep": "pnc.kinds.depth:KIND",
     "noise_sweep": "pnc.kinds.noise:KIND",
     "domain_transfer": "pnc.kinds.transfer:KIND",
+    "measure": "pnc.kinds.measure:KIND",
 })

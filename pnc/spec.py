@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -31,7 +32,7 @@ from pydantic import (
 )
 
 from . import catalog
-from .errors import PncError, Problem, SpecError, did_you_mean
+from .errors import DataError, PncError, Problem, SpecError, did_you_mean
 from .metrics.geometry import REGISTRY
 from .metrics.options import DEFAULTS, PROBES
 from .registry import KINDS
@@ -58,6 +59,8 @@ class DatasetSpec(SpecBlock):
     test_split: str | None = Field(None, description="Held-out split for probes and test metrics; default: 'test' or 'val'.")
     domain: str | None = Field(None, description="Domain of a multi-domain dataset (depth/noise studies only).")
     root: str | None = Field(None, description="Raw-data folder; default $PNC_DATA_ROOT/<dataset> or data/raw/<dataset>.")
+    splits: dict[str, str] | None = Field(
+        None, description="Your own data (image_folder, arrays): split name -> sub-folder of root; default {train: train, test: test}.")
 
     @field_validator("name")
     @classmethod
@@ -68,7 +71,13 @@ class DatasetSpec(SpecBlock):
 
     @property
     def info(self) -> catalog.DatasetInfo:
-        return catalog.DATASETS[self.name]
+        """The catalog entry; for your own data (``user``), with classes, channels and size read from ``root``."""
+        info = catalog.DATASETS[self.name]
+        return user_info(info, self.root, tuple(self.split_folders.items())) if info.user else info
+
+    @property
+    def split_folders(self) -> dict[str, str]:
+        return dict(self.splits) if self.splits else {"train": "train", "test": "test"}
 
     @property
     def size(self) -> int:
@@ -82,8 +91,15 @@ class DatasetSpec(SpecBlock):
 
 
 class ModelSpec(SpecBlock):
-    """One network: a timm/torchvision name verbatim, or one of pnc's CIFAR ResNets (resnet8, resnet20, ...)."""
+    """One network: a timm/torchvision name verbatim, one of pnc's CIFAR ResNets (resnet8, resnet20, ...), your own
+    architecture from a Python ``factory``, or (measure studies) a model logged in MLflow (``uri``)."""
 
+    uri: str | None = Field(None, pattern=r"^(models:/[^/@]+(/[0-9]+|@[A-Za-z0-9_-]+)|runs:/[0-9a-f]{32}/[^ ]+)$",
+                            description="A model logged in MLflow (measure studies): models:/<name>/<version>, "
+                                        "models:/<name>@<alias> or runs:/<run id>/<artifact path>.")
+    factory: str | None = Field(None, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
+                                description="Your architecture: 'path/to/file.py:function' or 'package.module:function' "
+                                            "returning an nn.Module (called with kwargs, and num_classes/in_chans if it takes them).")
     name: str
     source: Literal[("auto", *catalog.MODEL_SOURCES)] = "auto"
     cifar_stem: bool | None = Field(None, description="3x3 stride-1 stem, no max-pool; default: on for inputs <= 64 px.")
@@ -91,9 +107,20 @@ class ModelSpec(SpecBlock):
     weights: str | None = Field(None, description="Local weights file for pretrained=true (nothing is downloaded).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model factory.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_of_uri(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "name" not in v and isinstance(v.get("uri"), str):  # a label for runs and figures
+            return {**v, "name": re.sub(r"[^A-Za-z0-9_.-]+", "-", v["uri"].split(":/", 1)[-1]).strip("-")}
+        return v
+
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str) -> str:
+    def _known_model(cls, v: str, info: Any) -> str:
+        if info.data.get("factory") or info.data.get("uri"):  # a label of your own
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v):
+                raise ValueError(f"model name {v!r}: use letters, digits, '_', '.', '-' (it names runs, tags and figures)")
+            return v
         if catalog.model_source(v) is None:
             hint = did_you_mean(v, catalog.all_model_names(), show=0).split(" Available:")[0]
             raise ValueError(
@@ -102,13 +129,78 @@ class ModelSpec(SpecBlock):
             )
         return v
 
+    @model_validator(mode="after")
+    def _one_origin(self) -> ModelSpec:
+        if self.uri and (self.factory or self.weights or self.pretrained or self.kwargs or self.source != "auto"):
+            raise ValueError("a model from `uri` is loaded as logged: remove factory, weights, pretrained, kwargs and source")
+        if self.factory and (self.pretrained and not self.weights or self.source != "auto"):
+            raise ValueError("a `factory` model takes no source or library pretraining; give `weights:` for a file")
+        return self
+
+    def config(self) -> dict:
+        """The entry as it enters cell ids and run params (origins not given are left out, so adding them kept ids)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if not (k in ("uri", "factory") and v is None)}
+
     @property
     def resolved_source(self) -> str:
+        if self.factory or self.uri:
+            return "factory" if self.factory else "mlflow"
         return catalog.model_source(self.name) if self.source == "auto" else self.source
 
     @property
     def label(self) -> str:
         return self.name
+
+
+def factory_file(factory: str) -> Path | None:
+    """The source file of a ``factory`` ('path/file.py:fn' or 'package.module:fn'; found without running it)."""
+    import importlib.util
+
+    target = factory.rpartition(":")[0]
+    if target.endswith(".py"):
+        return Path(target).expanduser()
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found is not None and found.origin else None
+
+
+def factory_problems(factory: str) -> list[str]:
+    """What is wrong with a ``factory`` reference, read without running its code: the file or module, the function."""
+    import ast
+
+    target, _, fn = factory.rpartition(":")
+    path = factory_file(factory)
+    if path is None or not path.is_file():
+        what = f"file {target!r}" if target.endswith(".py") else f"module {target!r}"
+        return [f"{what} not found (from {Path.cwd()}); give 'path/to/file.py:function' or an importable 'package.module:function'"]
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except SyntaxError as e:
+        return [f"{path}:{e.lineno}: syntax error: {e.msg}"]
+    defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    if fn not in defined:
+        return [f"{path} defines no function {fn!r}.{did_you_mean(fn, defined)}"]
+    return []
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (weights, factory source): part of a cell's id, so a changed file is a new cell."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=32)
+def user_info(info: catalog.DatasetInfo, root: str | None, splits: tuple) -> catalog.DatasetInfo:
+    """A user dataset's catalog entry completed from its files (``pnc.data.user.describe``)."""
+    from .data.user import describe
+
+    k, channels, size = describe(info.name, root, dict(splits))
+    return replace(info, num_classes=k, channels=channels, image_size=size, splits=tuple(dict(splits)))
 
 
 def _model_entry(v: Any) -> Any:
@@ -312,6 +404,17 @@ def semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
     Returns (loc, message) pairs. ``spec`` may be a partial spec (the valid blocks of an invalid one)."""
     out: list[tuple[tuple, str]] = []
     kind = KINDS.get(spec.kind)
+    if catalog.DATASETS[spec.dataset.name].user:
+        try:
+            spec.dataset.info  # noqa: B018 - reads the folder names and array headers
+        except DataError as e:
+            return [(("dataset", "root" if spec.dataset.root is None or "split" not in str(e) else "splits"), str(e))]
+        if not spec.dataset.size:
+            out.append((("dataset", "image_size"), f"the images of {spec.dataset.root} vary in size: set dataset.image_size "
+                                                    "(they are resized to it)"))
+    elif spec.dataset.splits is not None:
+        out.append((("dataset", "splits"), f"{spec.dataset.name} has fixed splits; `splits` is for your own data "
+                                           "(image_folder, arrays): remove it"))
     info = spec.dataset.info
     if spec.dataset.train_split not in info.splits:
         out.append((("dataset", "train_split"), f"{info.name} has no split {spec.dataset.train_split!r}.{did_you_mean(spec.dataset.train_split, info.splits)}"))
@@ -337,8 +440,13 @@ def semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
                 out.append((("models", i, "source"), f"{m.name!r} is not a {m.source} model (it resolves to {catalog.model_source(m.name)})"))
         if m.resolved_source == "pnc" and m.cifar_stem is False:
             out.append((("models", i, "cifar_stem"), f"{m.name} is one of pnc's CIFAR ResNets, which always have the 3x3 stem; remove cifar_stem"))
-        if m.weights is not None and not m.pretrained:
-            out.append((("models", i, "weights"), "weights is given but pretrained is false; set pretrained: true or remove weights"))
+        if m.factory:
+            out += [(("models", i, "factory"), msg) for msg in factory_problems(m.factory)]
+        if m.weights is not None and not Path(m.weights).expanduser().is_file():
+            out.append((("models", i, "weights"), f"weights file {m.weights!r} does not exist (from {Path.cwd()}); nothing is downloaded"))
+        if m.uri and kind.trains:
+            out.append((("models", i, "uri"), f"a {kind.name} study trains its networks; a logged model (uri) is measured by a "
+                                              f"{' or '.join(kinds_where('measures_given'))} study"))
     return out + kind.rules(spec)
 
 

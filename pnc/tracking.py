@@ -33,6 +33,8 @@ TAG_SPEC_DIGEST = "pnc.spec_digest"
 TAG_FAILURE = "pnc.failure"
 TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run while it trains
 TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
+TAG_MODEL_URI = "pnc.model_uri"  # the logged model a run measured (transfer targets, measure studies)
+TAG_MODEL_RUN = "pnc.model_run"  # the run that trained it: lineage walks on from there
 
 _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 
@@ -492,3 +494,25 @@ def layer_history(run_id: str, key: str) -> list[float]:
     for m in sorted(hist, key=lambda m: m.timestamp):
         by_step[m.step] = m.value
     return [by_step[s] for s in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------- models as inputs
+def registered_model_id(mv: Any) -> str | None:
+    """The logged model (``m-...``) behind a model version: ``mv.model_id`` where the store fills it in,
+    else from its source URI ``models:/m-...`` (MLflow 3 leaves model_id empty on versions it reads back)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = getattr(mv, "source", "") or ""
+    if source.startswith("models:/m-"):
+        return source[len("models:/"):].split("/")[0]
+    return None
+
+
+def log_model_input(run_id: str, mv: Any) -> None:
+    """Record the registered version ``mv`` as the input model of ``run_id`` (and name it in tags)."""
+    from mlflow.entities import LoggedModelInput
+
+    model_id = registered_model_id(mv)
+    if model_id:
+        retrying(lambda: client().log_inputs(run_id, models=[LoggedModelInput(model_id)]))
+    log_tags(run_id, {"pnc.registered_model": mv.name, "pnc.registered_version": mv.version})

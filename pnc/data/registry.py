@@ -82,6 +82,8 @@ def raw_splits(ds: Any, domain: str | None, train_fraction: float = TRAIN_FRACTI
     if not module:  # pragma: no cover - every non-embedded catalog entry names its loader (tests/test_loaders.py)
         raise DataError(f"no loader for dataset {ds.name!r}")
     load = getattr(importlib.import_module(module), attr)
+    if ds.info.user:
+        return load(ds.root, splits=ds.split_folders)
     return load(ds.root, **({"domain": domain, "train_fraction": train_fraction, "seed": seed} if ds.info.domains else {}))
 
 

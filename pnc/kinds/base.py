@@ -28,6 +28,11 @@ class StudyKind:
     probes_per_class: ClassVar[bool] = False  # whether probe.samples_per_class applies
     curve_key: ClassVar[str] = "cdnv/train"  # the per-layer CDNV curve `pnc compare` and `pnc estimate-noise` read
     curve_role: ClassVar[str] = "cell"  # the role of the runs that log it
+    trains: ClassVar[bool] = True  # whether its cells train networks (else they measure given ones)
+
+    @property
+    def measures_given(self) -> bool:
+        return not self.trains
 
     # ------------------------------------------------------------------ spec
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:

@@ -52,13 +52,16 @@ class DepthSweep(StudyKind):
         spec, main = study.spec, study.main
         d = data(cell)
         digest = data_digest(d.inputs)
+        origin = self.origin(cell) if main else {}  # where a given network comes from (measure studies)
+        same = {tracking.TAG_DATA: digest, **origin}  # new data or another model version: a new run
 
         def claimed(run_id: str, reused: Any) -> None:
             log_params_once(run_id, cell_params(spec, cell))
             tracking.log_inputs(run_id, d.inputs if reused is None else [])
+            self.log_origin(run_id, origin)
 
-        att = study.claim(cell, {tracking.TAG_DATA: digest, **study.tags(), **cell_tags(spec, cell)},
-                          usable=lambda r: r.data.tags.get(tracking.TAG_DATA) == digest, on_claimed=claimed)  # new data: a new run
+        att = study.claim(cell, {**same, **study.tags(), **cell_tags(spec, cell)},
+                          usable=lambda r: all(r.data.tags.get(k) == v for k, v in same.items()), on_claimed=claimed)
         if att.decision == "skip":
             if main:
                 print(f"{prefix} {cell.name}: finished earlier (run {att.run_id}), skipped", file=sys.stderr)
@@ -70,7 +73,7 @@ class DepthSweep(StudyKind):
         if main:
             print(f"{prefix} {cell.name} (cell {cell.id}, run {att.run_id})", file=sys.stderr)
         t0 = time.time()
-        status, summary, reason = study.execute(att.run_id, lambda: self.train_and_measure(study, cell, d, att.run_id),
+        status, summary, reason = study.execute(att.run_id, lambda: self.measure_network(study, cell, d, att.run_id),
                                                 checkpoint=checkpoint_path(spec, cell))
         if status == "FAILED":
             if main:
@@ -83,21 +86,34 @@ class DepthSweep(StudyKind):
                                                            if "final_probe_acc" in summary else ""), file=sys.stderr)
         return CellOutcome(cell, "FINISHED", att.run_id, summary)
 
-    def train_and_measure(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
-        """Train the cell's network (resuming from its checkpoint), measure every layer, log to ``run_id``."""
+    def origin(self, cell: Any) -> dict[str, str]:
+        """Tags that identify a given network beyond the cell id (a registry version behind an alias); trained: none."""
+        return {}
+
+    def log_origin(self, run_id: str, origin: dict[str, str]) -> None:
+        """Record where a given network came from (its input model); trained networks have nothing to record."""
+
+    def network(self, study: Any, cell: Any, data: Any, run_id: str) -> tuple[Any, Any]:
+        """(the cell's network, its TrainResult): trained here, resuming from its checkpoint."""
         from .. import tracking
         from ..engine import train_cell
-
-        main = study.main
 
         def on_epoch(epoch: int, loss: float, acc: float) -> None:
             tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
 
         model, result, _ = train_cell(study.spec, cell, data, accelerator=study.accelerator, run_id=run_id,
-                                      progress=study.progress, on_epoch=on_epoch if main else None)
+                                      progress=study.progress, on_epoch=on_epoch if study.main else None)
+        return model, result
+
+    def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
+        """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""
+        from .. import tracking
+
+        main = study.main
+        model, result = self.network(study, cell, data, run_id)
         results, names, accs = self.measure_cell(study, model, data)
-        summary = {"train_acc": result.acc, "train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
-                   "epochs": result.epochs, "resumed_from": result.resumed_from,
+        summary = {"train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
+                   **({"train_acc": result.acc, "epochs": result.epochs, "resumed_from": result.resumed_from} if result else {}),
                    **{f"{r}_acc": accs.get(r) for r in data.extra_eval}}
         probe_key = "probe_acc/test"
         if probe_key in results:
@@ -106,8 +122,8 @@ class DepthSweep(StudyKind):
         if main:
             tracking.log_layer_metrics(run_id, results)
             finals = {"train/final_acc": accs.get("train"), "test/acc": accs.get("test"), "val/acc": accs.get("test_val"),
-                      "test/holdout_acc": accs.get("test_holdout"), "train/last_epoch_acc": result.acc,
-                      "train/last_epoch_loss": result.loss, "layers/count": len(names)}
+                      "test/holdout_acc": accs.get("test_holdout"), "layers/count": len(names),
+                      **({"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss} if result else {})}
             if probe_key in results:
                 finals.update({"final/probe_acc_test": summary["final_probe_acc"], "best/probe_acc_test": summary["best_probe_acc"]})
             for role in data.extra_eval:
@@ -165,7 +181,7 @@ class DepthSweep(StudyKind):
             tags[f"pnc.transition.{model}"] = (f"layers {t.start}-{t.end} (confidence {t.confidence:.2f})" if t.found
                                               else f"none: {t.reason}")
             rows.append((int(d.depth.iloc[0]), model, curve, float(r["val/acc"]), float(r["test/holdout_acc"])))
-        if rows:
+        if rows and self.depth_family([x[1] for x in rows]):
             rows.sort()
             e = analysis.efficient_depth([x[0] for x in rows], [x[2] for x in rows], [x[3] for x in rows], [x[4] for x in rows])
             details["efficient_depth"] = e.as_dict()
@@ -177,6 +193,10 @@ class DepthSweep(StudyKind):
                                            f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
         out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
         return out
+
+    def depth_family(self, models: list[str]) -> bool:
+        """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
+        return True
 
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
         import altair as alt

@@ -113,33 +113,10 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
     return mv
 
 
-def registered_model_id(mv: Any) -> str | None:
-    """The logged model (``m-...``) behind a model version: ``mv.model_id`` where the store fills it in,
-    else from its source URI ``models:/m-...`` (MLflow 3 leaves model_id empty on versions it reads back)."""
-    if getattr(mv, "model_id", None):
-        return mv.model_id
-    source = getattr(mv, "source", "") or ""
-    if source.startswith("models:/m-"):
-        return source[len("models:/"):].split("/")[0]
-    return None
-
-
 def load_registered(uri: str):
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(uri, map_location="cpu")
-
-
-def log_model_input(run_id: str, mv: Any) -> None:
-    """Record the registered version ``mv`` as the input model of ``run_id`` (and name it in tags)."""
-    from mlflow.entities import LoggedModelInput
-
-    from .. import tracking
-
-    model_id = registered_model_id(mv)
-    if model_id:
-        tracking.retrying(lambda: tracking.client().log_inputs(run_id, models=[LoggedModelInput(model_id)]))
-    tracking.log_tags(run_id, {"pnc.registered_model": mv.name, "pnc.registered_version": mv.version})
 
 
 def per_class_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -301,13 +278,14 @@ class DomainTransfer(StudyKind):
         spec, main = study.spec, study.main
         tdigest = data_digest(tdat.inputs)
         tags = {tracking.TAG_DATA: tdigest, "source": cell.source, "target": target, "pnc.model_uri": uri,
+                tracking.TAG_MODEL_RUN: mv.run_id if main else "",
                 "pnc.model": cell.model.name, "pnc.depth": str(catalog.model_depth(cell.model.name)), **study.tags()}
 
         def claimed(run_id: str, reused: Any) -> None:
             log_params_once(run_id, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
             if reused is None:
                 tracking.log_inputs(run_id, tdat.probe_inputs())
-                log_model_input(run_id, mv)
+                tracking.log_model_input(run_id, mv)
 
         att = study.claim(target_cell(cell, target), tags, role=ROLE, cell_id=f"{cell.id}:{target}",
                           run_name=f"{cell.model.name}: {cell.source} -> {target}", on_claimed=claimed,
