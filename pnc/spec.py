@@ -560,14 +560,14 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
     return line, col
 
 
-_TAGS = set(KINDS.names()) | set(catalog.LABEL_NOISE_KINDS)
 
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop the discriminator tags and validator names pydantic adds to error locations."""
     out: list = []
     for i, part in enumerate(loc):
-        if isinstance(part, str) and (part in _TAGS or part.startswith("function-") or part in ("str", "ModelSpec")):
+        tag = part in KINDS if i == 0 else i and isinstance(loc[i - 1], int) and part in catalog.LABEL_NOISE_KINDS
+        if isinstance(part, str) and (tag or part.startswith("function-") or part in ("str", "ModelSpec")):
             continue
         if tuple(loc[max(i - 2, 0):i]) == ("measure", "layers") and part in ("keyword", "names", "selection"):  # its form
             continue

@@ -98,6 +98,17 @@ def test_torchvision_swin_taps():
     assert list(features)[:2] == ["features.1.0", "features.1.1"]
 
 
+def test_shipped_factory_model_declares_its_blocks():
+    """specs/models/plain_cnn.py (digits_measure's control): no residual blocks, its own `pnc_blocks` are the taps."""
+    from pathlib import Path
+
+    from pnc.models import build_factory_model
+
+    factory = str(Path(__file__).parents[1] / "specs" / "models" / "plain_cnn.py") + ":build"
+    features = check_taps(build_factory_model(factory, num_classes=10, in_chans=1), 1, 16, batch=2, expected=7)
+    assert list(features)[:2] == ["features.0", "features.1"]
+
+
 def test_the_cases_above_cover_every_shipped_spec():
     """Each (model, image size, channels) of specs/*.yaml is built and tapped by one of the tests above:
     a spec that gains a model or a size fails here until a case is added."""
@@ -108,10 +119,13 @@ def test_the_cases_above_cover_every_shipped_spec():
     covered = {(f"resnet{d}", s, c) for d in (8, 14, 20, 32, 56) for s in (8, 16, 32) for c in (1, 3)}
     covered |= {(n, s, 3) for n, _, _ in TORCHVISION_RESNETS for s in (32, 224)}
     covered |= {(SWIN.format(v), s, 3) for v, _, s, _ in SWIN_CASES}
+    covered |= {("plain_cnn_untrained", 16, 1)}  # test_shipped_factory_model_declares_its_blocks
     missing = set()
     for path in sorted((Path(__file__).parents[1] / "specs").glob("*.yaml")):
         spec = load_spec(path)
         for m in spec.models:
+            if m.uri:  # a logged model is the network its training study built (covered there)
+                continue
             key = (m.name, spec.dataset.size, spec.dataset.info.channels)
             if key not in covered:
                 missing.add((path.name, *key))

@@ -141,7 +141,7 @@ def test_cross_field_problems_come_with_field_problems(tmp_path: Path) -> None:
 def test_an_invalid_dataset_block_still_checks_domains_and_label_sets(tmp_path: Path) -> None:
     """A typo elsewhere in the dataset block must not hide that a domain or a label set does not exist."""
     found = problems(write(tmp_path, TRANSFER.replace("{name: office_home}", "{name: office_home, size: 32}")))
-    assert found == ["s.yaml:3:30: dataset.size: unknown key 'size'. Available: domain, image_size, name, root, test_split, train_split.",
+    assert found == ["s.yaml:3:30: dataset.size: unknown key 'size'. Available: domain, image_size, name, root, splits, test_split, train_split.",
                      "s.yaml:7:13: transfer.targets[0]: unknown domain 'Prodcut' of office_home. Did you mean 'Product'? "
                      "Available: Art, Clipart, Product, Real_World."], found
     noisy = NOISE.replace("{name: digits}", "{name: cifar10, image_size: big}").replace("[aggre]", "[aggre, worst]")
