@@ -27,6 +27,8 @@ class MeasureStudySpec(StudySpecBase):
 
 
 class Measure(DepthSweep):
+    """A depth sweep whose networks are given: :meth:`network` loads instead of training, :meth:`origin` names it."""
+
     name = "measure"
     spec_class = MeasureStudySpec
     params_key = "measure_studies"

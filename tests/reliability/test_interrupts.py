@@ -328,6 +328,7 @@ depth_studies:
   tiny_depth: {dataset: digits}
 noise_studies: {}
 transfer_studies: {}
+measure_studies: {}
 studies: [tiny_depth]
 """
 
