@@ -24,6 +24,10 @@ from pnc import catalog
 from pnc.errors import ModelError, did_you_mean
 
 SOURCES = catalog.MODEL_SOURCES
+# build_model / build_factory_model record how they built a network (attribute RECIPE_ATTR), so that pnc.modelstore
+# can store it as safetensors weights plus this recipe and rebuild it without unpickling anything
+RECIPE_ATTR = "pnc_recipe"
+RECIPE_FORMAT = "pnc.safetensors/1"
 CIFAR_STEM_MAX_SIZE = 64  # ResNets at or below this image size get the CIFAR stem automatically
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +276,8 @@ def build_model(
     Initialisation draws from torch's global generator, so ``torch.manual_seed`` makes it repeatable.
     """
     src = resolve_source(name, source)
+    recipe = {"format": RECIPE_FORMAT, "builder": "catalog", "name": name, "num_classes": num_classes,
+              "in_chans": in_chans, "image_size": image_size, "source": src, "cifar_stem": cifar_stem, "kwargs": dict(kwargs)}
     weights_file = find_weights(name, src, weights) if (pretrained or weights is not None) else None
     args = dict(model_defaults(name, src, image_size), **kwargs)
     model = _BUILDERS[src](name, num_classes=num_classes, in_chans=in_chans,
@@ -280,6 +286,7 @@ def build_model(
         apply_cifar_stem(model, in_chans)
     if strict_weights and weights_file is not None:
         load_weights_file(model, weights_file, strict=True)
+    setattr(model, RECIPE_ATTR, recipe)
     return model
 
 
@@ -301,6 +308,11 @@ def build_factory_model(factory: str, *, num_classes: int, in_chans: int, weight
         raise ModelError(f"factory {factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_weights_file(model, find_weights(factory, "factory", weights), strict=True)
+    from pnc.spec import factory_file, file_digest
+
+    setattr(model, RECIPE_ATTR, {"format": RECIPE_FORMAT, "builder": "factory", "factory": factory, "kwargs": dict(kwargs),
+                                 "source_sha256": file_digest(factory_file(factory)), "num_classes": num_classes,
+                                 "in_chans": in_chans})
     return model
 
 

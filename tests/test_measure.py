@@ -232,8 +232,8 @@ def test_checkpoint_and_logged_models_are_measured_and_lineage_reaches_the_train
     from safetensors.torch import save_file
 
     from pnc import tracking
-    from pnc.kinds.transfer import register
     from pnc.models import build_model
+    from pnc.modelstore import register
 
     torch.manual_seed(0)
     net = build_model("resnet8", num_classes=K, in_chans=1, image_size=12)

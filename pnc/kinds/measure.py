@@ -99,14 +99,12 @@ class Measure(DepthSweep):
         from ..engine import build_cell_model
 
         model = cell.model
-        if model.uri:
-            import mlflow.pytorch
-
-            from .. import tracking
+        if model.uri:  # safetensors + recipe only: a pickled model is refused (loading it would run its code)
+            from .. import modelstore, tracking
 
             uri = tracking.get_run(run_id).data.tags.get(tracking.TAG_MODEL_URI, model.uri) if study.main else model.uri
             (uri,) = study.broadcast(uri)
-            net = mlflow.pytorch.load_model(uri, map_location="cpu")
+            net = modelstore.load(uri)
         else:
             net = build_cell_model(study.spec, model, strict=True)
         return net.to(study.accelerator.device).eval(), None

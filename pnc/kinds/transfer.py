@@ -13,9 +13,7 @@ correlation across sources between target collapse and target probe accuracy.
 from __future__ import annotations
 
 import html
-import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -64,14 +62,10 @@ def registered_name(spec: Any, cell: Any) -> str:
     return f"{base}-{cell.model.name}"
 
 
-def source_alias(source: str) -> str:
-    return "src-" + re.sub(r"[^A-Za-z0-9_-]", "_", source)
-
-
 def find_registered(name: str, cell: Any, digest: str) -> Any | None:
     """The newest registered version of ``name`` trained as this cell trains (same ``train_key``: dataset, model,
     recipe, source) on this data, or None. Measurement, probe and target settings do not matter."""
-    from .. import tracking
+    from .. import modelstore, tracking
 
     c = tracking.client()
     try:
@@ -79,44 +73,10 @@ def find_registered(name: str, cell: Any, digest: str) -> Any | None:
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
     hits = [v for v in versions if v.tags.get(tracking.TAG_DATA) == digest and v.status == "READY"
+            and v.tags.get(modelstore.TAG_FORMAT) == modelstore.FORMAT  # a pickled version (pnc before 0.2) retrains
             and (v.tags.get(TAG_TRAIN_KEY) == cell.train_key
                  or TAG_TRAIN_KEY not in v.tags and v.tags.get(tracking.TAG_CELL) == cell.id)]  # versions before train_key
     return max(hits, key=lambda v: int(v.version)) if hits else None
-
-
-def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> Any:
-    """Log ``net`` to ``run_id`` and register it as a new version of ``name`` with tags and aliases."""
-    import mlflow
-    import mlflow.pytorch
-
-    from .. import tracking
-
-    c = tracking.client()
-    # Pickle on purpose: the models are pnc's own, timm's or torchvision's classes, read back by pnc (pt2 export
-    # would trace them); MLflow's warning about it, once per registered model, only clutters the study's log.
-    log = logging.getLogger("mlflow.pytorch")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", serialization_format="pickle",
-                                            pip_requirements=["torch", "torchvision", "timm"])
-    finally:
-        log.setLevel(level)
-    try:
-        tracking.retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))
-    except Exception:  # noqa: BLE001 - exists already
-        pass
-    mv = tracking.retrying(lambda: c.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id))
-    for alias in ("current", source_alias(source)):
-        tracking.retrying(lambda alias=alias: c.set_registered_model_alias(name, alias, mv.version))
-    return mv
-
-
-def load_registered(uri: str):
-    import mlflow.pytorch
-
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
 
 
 def per_class_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -209,7 +169,9 @@ class DomainTransfer(StudyKind):
             summary["trained"] = True
         (version,) = study.broadcast(mv.version if main else None)
         uri = f"models:/{name}/{version}"
-        net = load_registered(uri).to(study.accelerator.device)  # also when just trained: targets see what the registry holds
+        from .. import modelstore
+
+        net = modelstore.load(uri).to(study.accelerator.device)  # also when just trained: targets see what the registry holds
         summary.update({"model_uri": uri, "source_run_id": run_id, "targets": {}})
         busy: list[str] = []
         for target in cell.targets:
@@ -223,7 +185,7 @@ class DomainTransfer(StudyKind):
 
     def train_source(self, study: Any, cell: Cell, src: Any, digest: str, name: str, prefix: str) -> tuple:
         """Train the cell's network on its source and register it: (status, run id, model version, reason)."""
-        from .. import tracking
+        from .. import modelstore, tracking
         from ..engine import cell_params, cell_tags, checkpoint_path, log_params_once, train_cell
         from ..spec import spec_digest
 
@@ -258,7 +220,7 @@ class DomainTransfer(StudyKind):
                 vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, TAG_TRAIN_KEY: cell.train_key,
                          tracking.TAG_DATA: digest, tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
                 try:
-                    box["mv"] = register(net, att.run_id, name, vtags, cell.source)
+                    box["mv"] = modelstore.register(net, att.run_id, name, vtags, cell.source)
                 except Exception as e:
                     raise RuntimeError(f"registering the model failed: {e}") from e
                 print(f"  trained in {time.time() - t0:.0f}s (train acc {result.acc:.4f}); registered {name} "
