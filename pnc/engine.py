@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog, tracking
-from .errors import TrainingError
+from .errors import ModelError, TrainingError
 from .registry import KINDS
 from .results import write_results
 from .spec import flatten_params, spec_digest
@@ -202,12 +202,18 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     import torch
 
     from .data.torchdata import shard_loader
-    from .features import FeatureExtractor
+    from .features import PENULTIMATE, FeatureExtractor, classifier
     from .metrics import measure
     from .metrics.probes import validation_part
 
     wanted = list(spec.measure.metrics if metrics is None else metrics)
     net = accelerator.unwrap_model(model).eval()
+    try:
+        head = classifier(net)  # the network's own classifier: NC3/UNC3/NC4 at its input, the penultimate tap
+    except ModelError:
+        head = None
+    heads = ({PENULTIMATE: (head.weight.detach(), head.bias.detach() if head.bias is not None else torch.zeros(num_classes))}
+             if isinstance(head, torch.nn.Linear) and head.out_features == num_classes else {})
     rank, world = accelerator.process_index, accelerator.num_processes
     extractor = FeatureExtractor(net, layers=spec.measure.layer_selection, reduction=spec.measure.reduction, seed=spec.train.seed)
     acc_counts: dict[str, torch.Tensor] = {}
@@ -258,6 +264,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
             seed=spec.train.seed,
             accelerator=accelerator if world > 1 else None,
             progress=progress,
+            classifiers=heads,
         )
     finally:
         names = list(extractor.layer_names)

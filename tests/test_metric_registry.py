@@ -212,3 +212,84 @@ def test_registering_twice_or_with_an_unknown_family_fails() -> None:
         r.add(m)
     with pytest.raises(ValueError, match="unknown family"):
         r.add(Metric("y", "nope", "y", "lower", False, frozenset(), "d", "s"))
+
+
+# ----------------------------------------------------------------------------- the classifier metrics (NC3, UNC3, NC4)
+def ref_nc3(X, y, K, W):
+    present, _, _, _ = ref.class_stats(X, y, K)
+    _, m, _ = centred_means(X, y, K)
+    w = ref.f64(W)[present]
+    wn = math.sqrt(sum(float(r @ r) for r in w))
+    mn = math.sqrt(sum(float(r @ r) for r in m))
+    return math.sqrt(sum(float(((w[k] / wn - m[k] / mn) ** 2).sum()) for k in range(len(m))))
+
+
+def ref_unc3(X, y, K, W):
+    present, _, _, _ = ref.class_stats(X, y, K)
+    _, m, _ = centred_means(X, y, K)
+    w = ref.f64(W)[present]
+    c = [float(w[k] @ m[k]) / math.sqrt(float(w[k] @ w[k]) * float(m[k] @ m[k])) for k in range(len(m))]
+    mean = sum(c) / len(c)
+    return math.sqrt(sum((x - mean) ** 2 for x in c) / len(c)) / mean
+
+
+def test_nc3_and_unc3_match_loop_references() -> None:
+    rng = np.random.default_rng(4)
+    X, y = data(rng, 5, 6)
+    _, m, _ = centred_means(X, y, 5)
+    W = m + 0.3 * rng.standard_normal(m.shape)  # a classifier near self-duality
+    g = geometry(summary(X, y, 5), (torch.as_tensor(W), torch.zeros(5)))
+    assert REGISTRY["nc3"].compute(g) == pytest.approx(ref_nc3(X, y, 5, W), rel=1e-9)
+    assert REGISTRY["unc3"].compute(g) == pytest.approx(ref_unc3(X, y, 5, W), rel=1e-9)
+    with pytest.warns(Warning, match="needs the layer's classifier"):
+        assert math.isnan(REGISTRY["nc3"].compute(geometry(summary(X, y, 5))))
+
+
+def etf_world(K=4, D=6, per=25, spread=1e-3, seed=0):
+    rng = np.random.default_rng(seed)
+    means = ref.simplex_etf(K, D, rng) * 3.0 + rng.standard_normal(D)
+    y = np.repeat(np.arange(K), per)
+    X = means[y] + rng.standard_normal((len(y), D)) * spread
+    X -= np.stack([X[y == k].mean(0) for k in range(K)])[y] - means[y]
+    mu_g = X.mean(0)
+    W = means - mu_g  # W = M^T (rows m_k), b = -W mu_G
+    return X, y, W, -W @ mu_g
+
+
+def test_simplex_etf_with_a_self_dual_classifier_gives_nc3_unc3_zero_and_nc4_one() -> None:
+    X, y, W, b = etf_world()
+    g = geometry(summary(X, y, 4), (torch.as_tensor(W), torch.as_tensor(b)))
+    assert REGISTRY["nc3"].compute(g) == pytest.approx(0.0, abs=1e-9)
+    assert REGISTRY["unc3"].compute(g) == pytest.approx(0.0, abs=1e-9)
+    feats = {"h": torch.as_tensor(X)}
+    batches = [(torch.arange(i, min(i + 30, len(y))), torch.as_tensor(y[i:i + 30]), torch.arange(i, min(i + 30, len(y))))
+               for i in range(0, len(y), 30)]
+    out = measure(lambda idx: {k: v[idx] for k, v in feats.items()}, batches, {"test": batches}, num_classes=4,
+                  metrics=("nc3", "unc3", "nc4"), probe=None, progress=False,
+                  classifiers={"h": (torch.as_tensor(W), torch.as_tensor(b))})
+    assert out.metrics["nc3/train"][0] == pytest.approx(0.0, abs=1e-9)
+    assert out.metrics["nc4/test"] == [1.0] and out.info["classifier"] == ["given"]
+
+
+def test_nc4_counts_disagreements_with_the_nearest_class_mean() -> None:
+    """A classifier that maps class 0's region to class 1: NC4 = the share of samples outside class 0."""
+    X, y, W, b = etf_world(K=3, D=5, per=20)
+    W2, b2 = W.copy(), b.copy()
+    W2[0], b2[0] = W[1], b[1] - 1.0  # class 0's logit is class 1's minus 1: never the argmax
+    feats = {"h": torch.as_tensor(X)}
+    batches = [(torch.arange(len(y)), torch.as_tensor(y), torch.arange(len(y)))]
+    out = measure(lambda idx: {k: v[idx] for k, v in feats.items()}, batches, {"test": batches}, num_classes=3,
+                  metrics=("nc4",), probe=None, progress=False, classifiers={"h": (torch.as_tensor(W2), torch.as_tensor(b2))})
+    assert out.metrics["nc4/test"] == [pytest.approx(40 / 60)]
+
+
+def test_probe_in_feature_space_is_the_probe_and_feeds_nc3() -> None:
+    rng = np.random.default_rng(2)
+    X, y = data(rng, 4, 5, N=200)
+    feats = {"a": torch.as_tensor(X)}
+    batches = [(torch.arange(i, min(i + 50, 200)), torch.as_tensor(y[i:i + 50]), torch.arange(i, min(i + 50, 200)))
+               for i in range(0, 200, 50)]
+    out = measure(lambda idx: {k: v[idx] for k, v in feats.items()}, batches, {"test": batches}, num_classes=4,
+                  metrics=("nc3", "nc4", "probe"), probe="ridge", progress=False)
+    assert out.info["classifier"] == ["ridge"] and 0.0 < out.metrics["nc3/train"][0] < 2.0
+    assert 0.0 <= out.metrics["nc4/test"][0] <= 1.0

@@ -26,11 +26,12 @@ from pnc.metrics.registry import MetricWarning
 from pnc.metrics.stats import F64, ClassSummary
 
 
-def geometry(s: ClassSummary) -> Geometry:
-    """The float64 numpy :class:`~pnc.metrics.geometry.Geometry` of a summary, on which every registered metric
-    is computed."""
+def geometry(s: ClassSummary, classifier: tuple[Tensor, Tensor] | None = None) -> Geometry:
+    """The float64 numpy :class:`~pnc.metrics.geometry.Geometry` of a summary (and of the layer's classifier
+    ``(weight (K, D), bias (K,))``), on which every registered metric is computed."""
+    w, b = (None, None) if classifier is None else (t.detach().to("cpu", F64).numpy() for t in classifier)
     return Geometry(s.count.cpu().numpy(), s.mean.to("cpu", F64).numpy(), s.sq_dist.to("cpu", F64).numpy(),
-                    None if s.scatter is None else s.scatter.to("cpu", F64).numpy())
+                    None if s.scatter is None else s.scatter.to("cpu", F64).numpy(), w, b)
 
 
 def class_variances(s: ClassSummary) -> Tensor:

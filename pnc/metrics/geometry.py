@@ -54,10 +54,11 @@ class Geometry:
 
     Args:
         count: (K,) samples per class; mean: (K, D) class means; sq_dist: (K,) per class the sum of
-        ||h_i - mu_k||^2; scatter: (D, D) pooled within-class scatter or None.
+        ||h_i - mu_k||^2; scatter: (D, D) pooled within-class scatter or None; weight, bias: the layer's
+        linear classifier, logits = weight @ h + bias, (K, D) and (K,), or None.
     """
 
-    def __init__(self, count, mean, sq_dist, scatter=None):
+    def __init__(self, count, mean, sq_dist, scatter=None, weight=None, bias=None):
         cnt = np.asarray(count).reshape(-1)
         self.num_classes = int(cnt.shape[0])
         self.present = cnt > 0
@@ -65,6 +66,8 @@ class Geometry:
         self.mu = np.asarray(mean, dtype=np.float64)[self.present]
         self.q = np.asarray(sq_dist, dtype=np.float64)[self.present]
         self.scatter = None if scatter is None else np.asarray(scatter, dtype=np.float64)
+        self.weight = None if weight is None else np.asarray(weight, dtype=np.float64)[self.present]
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float64)[self.present]
 
     @property
     def k(self) -> int:
@@ -110,6 +113,12 @@ class Geometry:
     @cached_property
     def upper(self) -> tuple[np.ndarray, np.ndarray]:
         return np.triu_indices(self.k, 1)
+
+    def classifier_rows(self, what: str) -> np.ndarray | None:
+        """The classifier's rows w_k of the present classes, or None (with a warning) when none is known."""
+        if self.weight is None:
+            warn(f"{what} needs the layer's classifier, which is not known; returning NaN")
+        return self.weight
 
     def pair_cosines(self, what: str) -> np.ndarray | None:
         """cos(m_k, m_k') over the pairs k<k', or None (with a warning) where undefined."""
@@ -244,6 +253,39 @@ def gnc2(g: Geometry) -> float:
     return float(np.mean(-0.5 * np.log(d2)))
 
 
+# ----------------------------------------------------------------------------- duality
+@register("nc3", family="duality", label="NC3 (self-duality)", needs=("classifier",),
+          definition="‖Wᵀ/‖W‖_F − M/‖M‖_F‖_F, rows w_k of the layer's classifier W (present classes)",
+          source="Papyan et al. 2020, Fig. 5; per layer with a least-squares classifier: Harun et al. 2025")
+def nc3(g: Geometry) -> float:
+    w = g.classifier_rows("NC3")
+    if w is None or not g.pairs_defined("NC3"):
+        return math.nan
+    wn, mn = float(np.linalg.norm(w)), float(np.linalg.norm(g.m))
+    if not g.means_apart(mn, "NC3") or wn == 0.0:
+        return math.nan
+    return float(np.linalg.norm(w / wn - g.m / mn))
+
+
+@register("unc3", family="duality", label="UNC3 (CV of cos(w_k, m_k))", needs=("classifier",),
+          definition="std_k cos(w_k, m_k) / mean_k cos(w_k, m_k) (population std)",
+          source="Wu & Papyan 2024")
+def unc3(g: Geometry) -> float:
+    w = g.classifier_rows("UNC3")
+    if w is None or not g.pairs_defined("UNC3"):
+        return math.nan
+    wn = np.sqrt(np.einsum("ij,ij->i", w, w))
+    if np.any(wn == 0) or np.any(g.norms == 0):
+        warn("UNC3: a classifier row or a centred class mean is zero; returning NaN")
+        return math.nan
+    c = np.einsum("ij,ij->i", w, g.m) / (wn * g.norms)
+    mean = float(c.mean())
+    if mean == 0.0:
+        warn("UNC3: the mean cosine is 0; returning NaN")
+        return math.nan
+    return float(c.std()) / mean
+
+
 # ----------------------------------------------------------------------------- scored in the passes
 declare("ncc", key="ncc_acc", family="probe", label="NCC accuracy", better="higher", needs=("eval_pass",),
         default=True,
@@ -254,6 +296,9 @@ declare("probe", key="probe_acc", family="probe", label="probe accuracy", better
         definition="top-1 accuracy of a linear probe trained on the layer's training features "
                    "(selection on a validation part of the training split only)",
         source="paper sec. 3.2, eq. 5")
+declare("nc4", family="agreement", label="NC4 (classifier = NCC)", better="higher", needs=("classifier", "eval_pass"),
+        definition="fraction of samples on which argmax_k (w_k·h + b_k) equals the nearest training-split class mean",
+        source="Papyan et al. 2020, Fig. 7 (as agreement; ncc_acc stays the accuracy against labels)")
 declare("mem_ratio", family="variability", label="memorization ratio Δ", better="lower", needs=("class_stats",),
         selectable=False,
         definition="Δ_l = CDNV_clean,l / CDNV_noisy,l on the training split (label vectors \"noisy\" and "

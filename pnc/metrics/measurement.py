@@ -181,10 +181,11 @@ class _EvalLayer:
         )
         self.ncc_correct = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
         self.probe_correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.nc4_agree = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
 
     @property
     def nbytes(self) -> int:
-        return (self.coll.nbytes if self.coll is not None else 0) + 8 * (self.ncc_correct.numel() + 1)
+        return (self.coll.nbytes if self.coll is not None else 0) + 8 * (2 * self.ncc_correct.numel() + 1)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class _Config:
 
     @property
     def want_stats(self) -> bool:
-        return self.want_collapse or "ncc" in self.metrics
+        return self.want_collapse or "ncc" in self.metrics or "nc4" in self.metrics
 
     def suffix(self, labeling: int) -> str:
         return "" if self.num_labelings == 1 else "_" + self.label_names[labeling]
@@ -241,7 +242,16 @@ def _collapse_values(s: ClassSummary, cfg: _Config, nc1_ok: bool) -> dict[str, f
     need the scatter are NaN on layers wider than ``nc1_dim_cap`` (warned once per measurement)."""
     g = geometry(s)
     return {m.key: m.compute(g) if nc1_ok or "scatter" not in m.needs else math.nan
-            for m in REGISTRY.from_class_stats() if m.name in cfg.metrics}
+            for m in REGISTRY.from_class_stats() if m.name in cfg.metrics and "classifier" not in m.needs}
+
+
+def _classifier_values(s: ClassSummary, cfg: _Config, clf: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+    """{key: value} of the selected metrics that need the layer's classifier (NaN without one)."""
+    wanted = [m for m in REGISTRY.from_class_stats() if m.name in cfg.metrics and "classifier" in m.needs]
+    if not wanted:
+        return {}
+    g = geometry(s, clf) if clf is not None else None
+    return {m.key: m.compute(g) if g is not None else math.nan for m in wanted}
 
 
 # ----------------------------------------------------------------------------- measure
@@ -264,6 +274,7 @@ def measure(
     logistic_max_samples: int = DEFAULTS.max_samples,
     accelerator: Any = None,
     progress: bool = True,
+    classifiers: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Measurements:
     """Measure every tapped layer in one forward pass over the training split and one per eval split.
 
@@ -448,18 +459,34 @@ def measure(
         })
     samples = {TRAIN: int(n_train)}
 
+    # ---------------------------------------------------------------- the layers' classifiers (NC3, UNC3, NC4)
+    given = dict(classifiers or {})
+    clfs: list[tuple[Tensor, Tensor] | None] = [
+        given[lay.name] if lay.name in given else probes[i].in_feature_space() if probes else None
+        for i, lay in enumerate(layers)]
+    clf_source = ["given" if lay.name in given else cfg.probe if probes else None for lay in layers]
+    if any(m in cfg.metrics for m in ("nc3", "unc3", "nc4")):
+        missing = [lay.name for lay, c in zip(layers, clfs) if c is None]
+        if missing:
+            warnings.warn(f"NC3/UNC3/NC4 need a classifier per layer (the probe, or the network's head): NaN for {missing}",
+                          MetricWarning, stacklevel=2)
+        for l in range(L):
+            for i in range(len(layers)):
+                for k, v in _classifier_values(train_summaries[i][l], cfg, clfs[i]).items():
+                    out.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(v)
+
     # ---------------------------------------------------------------- eval passes
     nccs: list[list[NearestClassMean]] = []
-    if "ncc" in cfg.metrics:
+    if "ncc" in cfg.metrics or "nc4" in cfg.metrics:
         nccs = [[NearestClassMean(s) for s in per_layer] for per_layer in train_summaries]
     for split, batches in evals.items():
-        ev = _eval_pass(extract, batches, split, cfg, layers, layer_names, probes, nccs, comm, show)
+        ev = _eval_pass(extract, batches, split, cfg, layers, layer_names, probes, nccs, comm, show, clfs)
         samples[split] = ev.pop("__n__")  # type: ignore[assignment]
         state_bytes[split] = ev.pop("__bytes__")  # type: ignore[assignment]
         for k, v in ev.items():
             out[k] = v  # type: ignore[assignment]
 
-    info = {"probe": probe_info, "nc1_skipped_layers": nclayers, "label_names": list(names),
+    info = {"probe": probe_info, "nc1_skipped_layers": nclayers, "classifier": clf_source, "label_names": list(names),
             "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes}
     return Measurements(
         layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
@@ -470,6 +497,7 @@ def measure(
 def _eval_pass(
     extract: Callable, batches: Iterable, split: str, cfg: _Config, layers: list[_TrainLayer], names: list[str],
     probes: list[LinearProbe], nccs: list[list[NearestClassMean]], comm: Comm, show: bool,
+    clfs: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> dict[str, Any]:
     L = cfg.num_labelings
     collapse = cfg.want_collapse and split != TRAIN
@@ -502,6 +530,7 @@ def _eval_pass(
         if not moved:
             for p in probes:
                 p.to(device)
+            clfs = [None if c is None else (c[0].to(device, F64), c[1].to(device, F64)) for c in (clfs or [])]
             for per in nccs:
                 for c in per:
                     c.to(device)
@@ -519,9 +548,14 @@ def _eval_pass(
             x64 = h.to(F64)
             if st.coll is not None:
                 st.coll._update(x64, y2, None)
+            agree = "nc4" in cfg.metrics and clfs and clfs[i] is not None
+            head = (x64 @ clfs[i][0].T + clfs[i][1]).argmax(1) if agree else None
             for l, c in enumerate(nccs[i] if nccs else []):
                 yl = y2[:, l if ecols > 1 else 0]
-                st.ncc_correct[l] += (c.predict(x64) == yl).sum()
+                pred = c.predict(x64)
+                st.ncc_correct[l] += (pred == yl).sum()
+                if head is not None:
+                    st.nc4_agree[l] += (pred == head).sum()
             if probes:
                 yp = y2[:, cfg.probe_col if ecols > 1 else 0]
                 st.probe_correct += (probes[i].predict(x64) == yp).sum()
@@ -549,10 +583,15 @@ def _eval_pass(
             for l in range(st.coll.num_labelings):
                 for k, v in _collapse_values(st.coll.summary(l), cfg, lay.nc1_ok).items():
                     out.setdefault(f"{k}/{split}{esuffix(l)}", []).append(v)
-        if nccs:
+        if nccs and "ncc" in cfg.metrics:
             correct = comm.sum(st.ncc_correct)
             for l in range(L):
                 out.setdefault(f"ncc_acc/{split}{cfg.suffix(l)}", []).append(float(correct[l]) / n)
+        if nccs and "nc4" in cfg.metrics:
+            agree = comm.sum(st.nc4_agree)
+            has = clfs is not None and clfs[layers.index(lay)] is not None
+            for l in range(L):
+                out.setdefault(f"nc4/{split}{cfg.suffix(l)}", []).append(float(agree[l]) / n if has else math.nan)
         if probes:
             out.setdefault(f"probe_acc/{split}", []).append(float(comm.sum(st.probe_correct)) / n)
     return out

@@ -22,11 +22,14 @@ from typing import Any
 FAMILIES: dict[str, str] = {
     "variability": "within-class variability (NC1)",
     "geometry": "geometry of the class means (NC2)",
+    "duality": "classifier / class-mean duality (NC3)",
+    "agreement": "classifier / nearest-class-mean agreement (NC4)",
     "probe": "accuracy of layer-wise classifiers",
 }
 NEEDS: dict[str, str] = {
     "class_stats": "per-class counts, means and squared distances of the pass (always streamed)",
     "scatter": "the D x D within-class scatter (layers with D <= nc1_dim_cap)",
+    "classifier": "the layer's linear classifier: the network's own head at its input (penultimate), the probe elsewhere",
     "eval_pass": "scored sample by sample in an eval pass (needs the finished training statistics)",
 }
 
