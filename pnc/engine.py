@@ -24,7 +24,7 @@ from typing import Any
 from . import catalog, tracking
 from .errors import TrainingError
 from .registry import KINDS
-from .results import write_results
+from .results import DvcFiles, write_results
 from .spec import flatten_params, spec_digest
 
 CHECKPOINT_ROOT = Path(".pnc") / "checkpoints"
@@ -106,7 +106,7 @@ def cell_params(spec: Any, cell: Any) -> dict[str, str]:
 def run_tags(spec: Any, spec_path: str, overrides: list[str] | None) -> dict[str, str]:
     """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state."""
     return {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
-            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
+            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.dvc_tags()}
 
 
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:
@@ -335,9 +335,9 @@ class StudyRun:
 
 
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
-              results_path: str | None = None, overrides: list[str] | None = None) -> int:
+              results_path: str | None = None, overrides: list[str] | None = None, dvc_files: DvcFiles | None = None) -> int:
     """Run ``cells`` of ``spec`` through its kind; returns the exit code (0 all finished or skipped, 1 some
-    failed or are held by other processes)."""
+    failed or are held by other processes). ``results_path``, ``dvc_files``: the files a DVC stage declares."""
     kind = KINDS.get(spec.kind)
     progress = progress and sys.stderr.isatty()
     data = kind.prepare(spec, cells)  # data first: a missing dataset stops the run before torch is imported
@@ -351,18 +351,19 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                          accelerator=accelerator, guard=guard)
         for i, cell in enumerate(cells):
             outcomes.append(kind.run_cell(study, cell, data, f"[{i + 1}/{len(cells)}]"))
-        failed = finish_study(spec, study.parent, outcomes, results_path, study.main)  # inside the guard
+        failed = finish_study(spec, study.parent, outcomes, results_path, study.main, dvc_files)  # inside the guard
     return close_study(spec, outcomes, failed, accelerator)
 
 
 # ----------------------------------------------------------------------------- closing a study
-def log_study_summary(spec: Any, parent: str) -> None:
-    """The kind's analyses (transition, efficient depth, noise map, transfer correlation, ...) on the parent run."""
+def log_study_summary(spec: Any, parent: str) -> dict:
+    """The kind's analyses (transition, efficient depth, noise map, transfer correlation, ...) on the parent run;
+    returns them ({} when they could not run)."""
     try:
         summary = KINDS.get(spec.kind).analyses(spec)
     except Exception as e:  # noqa: BLE001 - an analysis that cannot run must not fail the study
         print(f"  (study analyses skipped: {type(e).__name__}: {e})", file=sys.stderr)
-        return
+        return {}
     tracking.log_metrics(parent, summary["metrics"])
     tracking.log_tags(parent, summary["tags"])
     for key, curve in summary.get("curves", {}).items():
@@ -370,18 +371,23 @@ def log_study_summary(spec: Any, parent: str) -> None:
     tracking.log_json_artifact(parent, "analysis.json", summary["details"])
     for k, v in summary["tags"].items():
         print(f"  {k}: {v}", file=sys.stderr)
+    return summary
 
 
-def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool) -> list:
-    """Study analyses, the results file and the parent's final status (call inside the StudyGuard).
-    Returns the outcomes that make the run incomplete: FAILED cells, and BUSY ones (another process runs them)."""
+def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool,
+                 dvc_files: DvcFiles | None = None) -> list:
+    """Study analyses, the results file (and DVC's metrics and plots files) and the parent's final status (call
+    inside the StudyGuard). Returns the outcomes that make the run incomplete: FAILED cells, and BUSY ones (another
+    process runs them)."""
     failed = [o for o in outcomes if o.status == "FAILED"]
     busy = [o for o in outcomes if o.status == "BUSY"]
     if main:
         if results_path:
             write_results(Path(results_path), spec, outcomes)
         if failed or study_complete(spec, outcomes):
-            log_study_summary(spec, parent)
+            summary = log_study_summary(spec, parent)
+            if dvc_files is not None:
+                dvc_files.write(spec, summary)
             tracking.end_run(parent, "FAILED" if failed else "FINISHED")
         else:  # run in parts (`--cell`, fanned out) and not all done: the last cell to finish closes the study
             print(f"{spec.name}: other cells of the study are not finished yet; its analyses and parent run "

@@ -40,12 +40,40 @@ _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def project_root() -> Path:
+    """The project folder: ``$DVC_ROOT`` when DVC runs the command (the parent repository also for ``dvc exp run
+    --temp`` / ``--queue``, whose stages run in a copy under ``.dvc/tmp/exps``), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def project_store() -> str:
+    """The project's own store: SQLite ``mlflow.db`` in :func:`project_root`."""
+    return f"sqlite:///{(project_root() / 'mlflow.db').as_posix()}"
+
+
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else the project's SQLite store ``mlflow.db`` in the working directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
+    """``$MLFLOW_TRACKING_URI``, else :func:`project_store`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_store()
+
+
+def artifact_location() -> str | None:
+    """Where a new experiment of the project's store keeps its artifacts: ``mlruns/`` beside ``mlflow.db``
+    (MLflow's default is relative to the working directory, which DVC's temporary experiment copies delete).
+    None for another store (``$MLFLOW_TRACKING_URI``): that store's, or server's, default applies."""
+    if tracking_uri() != project_store():
+        return None
+    return (project_root() / "mlruns").resolve().as_uri()
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to, when ``dvc exp run`` started it (DVC sets ``DVC_EXP_NAME`` and
+    ``DVC_EXP_BASELINE_REV`` for the stages of an experiment)."""
+    out = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        out["pnc.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        out["pnc.dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return out
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -136,7 +164,7 @@ def retrying(fn, attempts: int = 8):
 
 # Untracked files here are what pnc and DVC write (data, reports, results), not code: they leave the tree clean.
 # ``.dvc`` files are the exception (a new ``dvc add`` not yet committed is a change).
-_GIT_OUTPUT_DIRS = ("data/", "reports/", "results/")
+_GIT_OUTPUT_DIRS = ("data/", "reports/", "results/", "metrics/", "plots/")
 
 
 def git_state() -> dict[str, str]:
@@ -175,7 +203,7 @@ def experiment_id(name: str) -> str:
             retrying(lambda: c.restore_experiment(exp.experiment_id))
         return exp.experiment_id
     try:
-        return retrying(lambda: c.create_experiment(name))
+        return retrying(lambda: c.create_experiment(name, artifact_location=artifact_location()))
     except Exception:  # noqa: BLE001 - a concurrent process created it first
         return retrying(lambda: c.get_experiment_by_name(name)).experiment_id
 

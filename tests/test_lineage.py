@@ -61,9 +61,14 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     assert "[changed]" in changed.stdout and "the spec file changed since the run" in changed.stdout, changed.stdout
 
     t = pnc(["run", "specs/digits_transfer.yaml", "--set", "train.epochs=1", "--set", "models=[resnet14]", "--set", "transfer.sources=[handwritten]",
-             "--set", "transfer.targets=[typeset]"], tmp_path)
+             "--set", "transfer.targets=[typeset]", "--metrics", "metrics/t.json"], tmp_path)
     assert t.returncode == 0, t.stderr
     (trun,) = run_ids(tmp_path, "digits_transfer", "transfer")
+    from mlflow.tracking import MlflowClient
+
+    finals = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trun).data.metrics
+    assert json.loads((tmp_path / "metrics/t.json").read_text()) == {  # DVC's metrics file: the target run's probe
+        "final/probe_acc_target_test@model=resnet14,source=handwritten,target=typeset": finals["final/probe_acc_target_test"]}
     tl = pnc(["lineage", trun], tmp_path)
     assert tl.returncode == 0, tl.stdout + tl.stderr
     assert "models:/digits_transfer-resnet14/1" in tl.stdout and "data/embedded/digits_domains/typeset/train" in tl.stdout

@@ -29,6 +29,7 @@ class DepthSweep(StudyKind):
     name = "depth_sweep"
     spec_class = DepthSweepSpec
     params_key = "depth_studies"
+    headline_keys = ("train/final_acc", "test/acc")
     ncc_train = True  # ncc_acc/train: a second pass over the training split with the finished class means
 
     def expand(self, spec: Any) -> list:
@@ -176,6 +177,13 @@ class DepthSweep(StudyKind):
             tags["pnc.efficient_depth"] = (f"transition: {e.transition_depth}, validation: {e.validation_depth}, "
                                            f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
         out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
+        return out
+
+    def headline(self, spec: Any, analyses: dict, selection: Any = None) -> dict[str, float]:
+        """Final accuracies, the efficient depths, and per model whether its curve shows the transition (1 or 0)."""
+        out = super().headline(spec, analyses, selection)
+        for model, t in ((analyses.get("details") or {}).get("transitions") or {}).items():
+            out[f"transition/found@model={model}"] = float(bool(t.get("found")))
         return out
 
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:

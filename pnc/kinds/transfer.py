@@ -167,6 +167,7 @@ class DomainTransfer(StudyKind):
     probes_per_class = True
     curve_key = "cdnv/target"
     curve_role = ROLE
+    headline_keys = ("final/probe_acc_target_test",)
 
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
         out: list[tuple[tuple, str]] = []
