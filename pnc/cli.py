@@ -200,14 +200,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from .tracking import tracking_uri
+    from .tracking import tracking_uri, ui_links
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser (its UI is served there).")
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C to stop")
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (store: {uri}); Ctrl-C to stop")
+    for name, url in ui_links(base):
+        print(f"  {name}: {url}")
+    sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 

@@ -265,7 +265,7 @@ class StudyRun:
         self.main = accelerator.is_main_process
         self.exp_id = self.parent = None
         if self.main:
-            self.exp_id = tracking.experiment_id(spec.experiment)
+            self.exp_id = tracking.experiment_id(spec.experiment, experiment_note(spec))
             self.parent = guard.parent = tracking.study_parent(
                 self.exp_id, spec.name, {**run_tags(spec, spec_path, overrides), "pnc.kind": spec.kind})
             log_params_once(self.parent, study_params(spec))
@@ -374,6 +374,34 @@ def log_study_summary(spec: Any, parent: str) -> dict:
     return summary
 
 
+def experiment_note(spec: Any) -> str:
+    """The experiment's description (``mlflow.note.content``): the study and how its runs are laid out."""
+    return (f"**{spec.name}**, a pnc `{spec.kind}` study. {spec.description or ''}\n\n"
+            "One parent run per study (its analyses, report and this description) with one child run per cell; "
+            "per-layer metrics (`cdnv/...`, `nc2/...`, `probe_acc/...`) are logged with step = layer index, so a "
+            "run's chart view draws them across layers, and each cell run holds its per-layer figure `layers.png`. "
+            "`layers.json` maps a step to its module.")
+
+
+def study_note(spec: Any, tags: dict[str, str], outcomes: list, analyses: dict) -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): the study, its cells, the analyses'
+    verdicts, and the command that reproduces it (the spec path and ``--set`` overrides the run was made with)."""
+    sets = " ".join(f"--set '{o}'" for o in json.loads(tags.get("pnc.overrides") or "[]"))
+    lines = [f"**{spec.name}** ({spec.kind}): {spec.description or ''}", "",
+             f"{len(outcomes)} cell(s) in this invocation:", "", "| cell | status | run |", "|---|---|---|"]
+    lines += [f"| {o.cell.name} | {o.status} | {o.run_id or ''} |" for o in outcomes[:60]]
+    verdicts = (analyses or {}).get("tags") or {}
+    lines += ["", "**Analyses**" if verdicts else "**Analyses**: none logged (see the report)", ""]
+    lines += [f"- `{k}`: {v}" for k, v in verdicts.items()]
+    command = f"pnc run {tags.get(tracking.TAG_SPEC, '')} {sets}".rstrip()
+    lines += ["", f"**Reproduce**: `{command}` (finished cells are skipped; `pnc report` with the same arguments "
+                  "draws the report)."]
+    exp = tags.get("pnc.dvc_experiment")
+    if exp:
+        lines.append(f"Run as DVC experiment `{exp}`: `dvc exp apply {exp}` restores its spec, `dvc repro` re-runs it.")
+    return "\n".join(lines)
+
+
 def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool,
                  dvc_files: DvcFiles | None = None) -> list:
     """Study analyses, the results file (and DVC's metrics and plots files) and the parent's final status (call
@@ -386,6 +414,7 @@ def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: st
             write_results(Path(results_path), spec, outcomes)
         if failed or study_complete(spec, outcomes):
             summary = log_study_summary(spec, parent)
+            tracking.log_tags(parent, {tracking.TAG_NOTE: study_note(spec, tracking.get_run(parent).data.tags, outcomes, summary)})
             if dvc_files is not None:
                 dvc_files.write(spec, summary)
             tracking.end_run(parent, "FAILED" if failed else "FINISHED")

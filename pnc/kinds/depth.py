@@ -88,6 +88,7 @@ class DepthSweep(StudyKind):
         """Train the cell's network (resuming from its checkpoint), measure every layer, log to ``run_id``."""
         from .. import tracking
         from ..engine import train_cell
+        from ..figures import layer_figure
 
         main = study.main
 
@@ -115,6 +116,7 @@ class DepthSweep(StudyKind):
                 finals[f"test/{role}_acc"] = accs.get(role)
             tracking.log_metrics(run_id, finals)
             tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+            tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
         return summary
 

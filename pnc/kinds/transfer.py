@@ -84,10 +84,19 @@ def find_registered(name: str, cell: Any, digest: str) -> Any | None:
     return max(hits, key=lambda v: int(v.version)) if hits else None
 
 
-def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> Any:
-    """Log ``net`` to ``run_id`` and register it as a new version of ``name`` with tags and aliases."""
+MODEL_REQUIREMENTS = ("torch", "torchvision", "timm")  # what a registered (pickled) network needs to load
+
+
+def register(net, run_id: str, name: str, tags: dict[str, str], source: str, example: np.ndarray) -> Any:
+    """Log ``net`` to ``run_id`` and register it as a new version of ``name`` with tags and aliases. The logged
+    model carries its signature (inferred from ``example``, a batch of images, and the logits ``net`` gives it) and
+    the exact versions of :data:`MODEL_REQUIREMENTS` installed here."""
+    from importlib.metadata import version
+
     import mlflow
     import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
 
     from .. import tracking
 
@@ -97,10 +106,13 @@ def register(net, run_id: str, name: str, tags: dict[str, str], source: str) -> 
     log = logging.getLogger("mlflow.pytorch")
     level = log.level
     log.setLevel(logging.ERROR)
+    net = net.cpu().eval()
+    with torch.no_grad():
+        signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
     try:
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(net.cpu().eval(), name="model", serialization_format="pickle",
-                                            pip_requirements=["torch", "torchvision", "timm"])
+            info = mlflow.pytorch.log_model(net, name="model", serialization_format="pickle", signature=signature,
+                                            pip_requirements=[f"{d}=={version(d)}" for d in MODEL_REQUIREMENTS])
     finally:
         log.setLevel(level)
     try:
@@ -282,7 +294,8 @@ class DomainTransfer(StudyKind):
                 vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, TAG_TRAIN_KEY: cell.train_key,
                          tracking.TAG_DATA: digest, tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
                 try:
-                    box["mv"] = register(net, att.run_id, name, vtags, cell.source)
+                    example = np.zeros((1, spec.dataset.info.channels, spec.dataset.size, spec.dataset.size), dtype=np.float32)
+                    box["mv"] = register(net, att.run_id, name, vtags, cell.source, example)
                 except Exception as e:
                     raise RuntimeError(f"registering the model failed: {e}") from e
                 print(f"  trained in {time.time() - t0:.0f}s (train acc {result.acc:.4f}); registered {name} "
@@ -298,6 +311,7 @@ class DomainTransfer(StudyKind):
         """Measure the registered network of ``cell`` on ``target`` in its own sub-run: (summary, busy note)."""
         from .. import tracking
         from ..engine import cell_params, data_digest, log_params_once
+        from ..figures import layer_figure
 
         spec, main = study.spec, study.main
         tdigest = data_digest(tdat.inputs)
@@ -332,6 +346,7 @@ class DomainTransfer(StudyKind):
                       "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}
             tracking.log_metrics(att.run_id, finals)
             tracking.log_json_artifact(att.run_id, "layers.json", {str(j): n for j, n in enumerate(res["names"])})
+            tracking.log_figure(att.run_id, layer_figure(res["layers"], res["names"], target_cell(cell, target).name), "layers.png")
             print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                   f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
             return finals
