@@ -139,18 +139,20 @@ def _init_store(uri: str, make_client):
 
 
 _CLIENT = None
+_CLIENT_URI = None
 
 
 def client():
     """An MlflowClient on :func:`tracking_uri` (created once per process)."""
-    global _CLIENT
+    global _CLIENT, _CLIENT_URI
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    if _CLIENT is None or _CLIENT._tracking_client.tracking_uri != uri:
+    if _CLIENT is None or _CLIENT_URI != uri:
         mlflow.set_tracking_uri(uri)
         _CLIENT = _init_store(uri, lambda: retrying(lambda: MlflowClient(tracking_uri=uri)))
+        _CLIENT_URI = uri
     return _CLIENT
 
 

@@ -4,6 +4,9 @@ in the UI's "Model training" view), a cell run's page with its per-layer figure,
 report, the compare view of the study's child runs and the metric view with x-axis = step, where the per-layer
 curves are drawn (step = layer index). Screenshots go to test-artifacts/browser/.
 
+What the pages show is the UI of the MLflow that requirements.lock pins (3.17: the "GenAI" / "Model training"
+toggle, `workflowType`); `make lock` moves that pin, and this test says so when the installed MLflow is another.
+
 Chromium is driven through its command line (--dump-dom and --screenshot after
 --virtual-time-budget, which lets the React app fetch from the server and render first).
 """
@@ -81,8 +84,13 @@ def q(obj) -> str:
 
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_study_and_its_layer_curves(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
     from mlflow.tracking import MlflowClient
 
+    from lock import locked_version
+
+    assert version("mlflow") == locked_version("mlflow"), "these pages are MLflow's of requirements.lock: `make install`"
     chromium = chromium_binary()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
