@@ -98,6 +98,7 @@ def test_mlflow_ui_shows_the_study_and_its_layer_curves(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # the code's commit
     r = subprocess.run([sys.executable, "-m", "pnc.cli", "run", "specs/digits_depth.yaml", "--set", "train.epochs=1",
                         "--set", "models=[resnet8, resnet14]", "--no-progress"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=400)
@@ -138,8 +139,7 @@ def test_mlflow_ui_shows_the_study_and_its_layer_curves(tmp_path: Path) -> None:
         browse(chromium, f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/layers.png{ml}",
                ARTIFACTS / "2-run-figure.png", profile, expect=[run.info.run_name, "layers.png"],
                expect_dom=('<img alt="layers.png" src="blob:',))
-        assert run.data.tags["mlflow.source.git.commit"] == subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert run.data.tags["mlflow.source.git.commit"] == head
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].endswith("cli.py")
         text = browse(chromium, f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{ml}",
                       ARTIFACTS / "3-run-overview.png", profile, expect=[run.info.run_name, "cli.py"])
