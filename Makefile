@@ -1,16 +1,19 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make repro   installs pnc into .venv, then runs `dvc repro` (the embedded default studies)
 #   make test    installs pnc and its test tools into .venv, then runs the test suite
+# Both install the exact versions of requirements.lock; `make lock` regenerates it (see README.md).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pnc-installed
+LOCK := requirements.lock
+LOCK_VENV ?= .venv-lock
 
-.PHONY: install repro test bench clean-venv chromium
+.PHONY: install repro test bench clean-venv chromium lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +33,17 @@ test: $(STAMP) chromium
 bench: $(STAMP)
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_train.py
+
+# Regenerate requirements.lock: a fresh virtualenv gets the newest versions pyproject.toml's ranges allow, and the
+# lock records them; pnc/model_names.json (timm's and torchvision's model lists) is regenerated in the same
+# environment. Then run `make test` (it reinstalls .venv from the new lock) and commit both files.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(LOCK_VENV)/bin/python bench/make_lock.py --out $(LOCK)
+	$(LOCK_VENV)/bin/python bench/make_model_names.py
+	rm -rf $(LOCK_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -74,6 +74,12 @@ class Cell:
         }
 
 
+def cell_label(name: str) -> str:
+    """A cell's name without its study (the part that tells the study's cells apart): ``digits_depth@model=resnet8``
+    -> ``model=resnet8``."""
+    return name.partition("@")[2] or name
+
+
 def base_config(spec: Any, model: ModelSpec) -> dict:
     d = spec.model_dump(mode="json")
     return {

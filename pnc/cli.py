@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--force", action="store_true", help="re-run cells that already finished")
             r.add_argument("--no-progress", action="store_true", help="no progress bars")
             r.add_argument("--results", metavar="PATH", help="also write a JSON summary of the cells (the DVC stage output)")
+            r.add_argument("--metrics", metavar="PATH", help="also write the study's headline numbers as flat JSON (DVC metrics)")
+            r.add_argument("--curves", metavar="PATH", help="also write each cell's CDNV per layer as CSV (DVC plots)")
 
     rep = sub.add_parser("report", help="draw a study's figures from MLflow into reports/<study>/")
     rep.add_argument("specs", nargs="*", metavar="SPEC")
@@ -169,9 +171,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.cell:
         cells = [find_cell(cells, key) for key in args.cell]
     from .engine import run_study  # heavy imports only now
+    from .results import DvcFiles
 
+    dvc_files = DvcFiles(Path(args.metrics) if args.metrics else None, Path(args.curves) if args.curves else None)
     return run_study(spec, cells, spec_path=args.spec, force=args.force, progress=not args.no_progress,
-                     results_path=args.results, overrides=args.overrides)
+                     results_path=args.results, overrides=args.overrides, dvc_files=dvc_files)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -210,14 +214,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from .tracking import tracking_uri
+    from .tracking import tracking_uri, ui_links
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser (its UI is served there).")
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C to stop")
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (store: {uri}); Ctrl-C to stop")
+    for name, url in ui_links(base):
+        print(f"  {name}: {url}")
+    sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 

@@ -24,7 +24,7 @@ from typing import Any
 from . import catalog, tracking
 from .errors import ModelError, TrainingError
 from .registry import KINDS
-from .results import write_results
+from .results import DvcFiles, write_results
 from .spec import flatten_params, spec_digest
 
 CHECKPOINT_ROOT = Path(".pnc") / "checkpoints"
@@ -106,7 +106,7 @@ def cell_params(spec: Any, cell: Any) -> dict[str, str]:
 def run_tags(spec: Any, spec_path: str, overrides: list[str] | None) -> dict[str, str]:
     """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state."""
     return {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
-            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
+            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.dvc_tags()}
 
 
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:
@@ -300,7 +300,7 @@ class StudyRun:
         self.main = accelerator.is_main_process
         self.exp_id = self.parent = None
         if self.main:
-            self.exp_id = tracking.experiment_id(spec.experiment)
+            self.exp_id = tracking.experiment_id(spec.experiment, experiment_note(spec))
             self.parent = guard.parent = tracking.study_parent(
                 self.exp_id, spec.name, {**run_tags(spec, spec_path, overrides), "pnc.kind": spec.kind})
             log_params_once(self.parent, study_params(spec))
@@ -370,9 +370,9 @@ class StudyRun:
 
 
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
-              results_path: str | None = None, overrides: list[str] | None = None) -> int:
+              results_path: str | None = None, overrides: list[str] | None = None, dvc_files: DvcFiles | None = None) -> int:
     """Run ``cells`` of ``spec`` through its kind; returns the exit code (0 all finished or skipped, 1 some
-    failed or are held by other processes)."""
+    failed or are held by other processes). ``results_path``, ``dvc_files``: the files a DVC stage declares."""
     kind = KINDS.get(spec.kind)
     progress = progress and sys.stderr.isatty()
     data = kind.prepare(spec, cells)  # data first: a missing dataset stops the run before torch is imported
@@ -386,18 +386,19 @@ def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, pr
                          accelerator=accelerator, guard=guard)
         for i, cell in enumerate(cells):
             outcomes.append(kind.run_cell(study, cell, data, f"[{i + 1}/{len(cells)}]"))
-        failed = finish_study(spec, study.parent, outcomes, results_path, study.main)  # inside the guard
+        failed = finish_study(spec, study.parent, outcomes, results_path, study.main, dvc_files)  # inside the guard
     return close_study(spec, outcomes, failed, accelerator)
 
 
 # ----------------------------------------------------------------------------- closing a study
-def log_study_summary(spec: Any, parent: str) -> None:
-    """The kind's analyses (transition, efficient depth, noise map, transfer correlation, ...) on the parent run."""
+def log_study_summary(spec: Any, parent: str) -> dict:
+    """The kind's analyses (transition, efficient depth, noise map, transfer correlation, ...) on the parent run;
+    returns them ({} when they could not run)."""
     try:
         summary = KINDS.get(spec.kind).analyses(spec)
     except Exception as e:  # noqa: BLE001 - an analysis that cannot run must not fail the study
         print(f"  (study analyses skipped: {type(e).__name__}: {e})", file=sys.stderr)
-        return
+        return {}
     tracking.log_metrics(parent, summary["metrics"])
     tracking.log_tags(parent, summary["tags"])
     for key, curve in summary.get("curves", {}).items():
@@ -405,18 +406,52 @@ def log_study_summary(spec: Any, parent: str) -> None:
     tracking.log_json_artifact(parent, "analysis.json", summary["details"])
     for k, v in summary["tags"].items():
         print(f"  {k}: {v}", file=sys.stderr)
+    return summary
 
 
-def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool) -> list:
-    """Study analyses, the results file and the parent's final status (call inside the StudyGuard).
-    Returns the outcomes that make the run incomplete: FAILED cells, and BUSY ones (another process runs them)."""
+def experiment_note(spec: Any) -> str:
+    """The experiment's description (``mlflow.note.content``): the study and how its runs are laid out."""
+    return (f"**{spec.name}**, a pnc `{spec.kind}` study. {spec.description or ''}\n\n"
+            "One parent run per study (its analyses, report and this description) with one child run per cell; "
+            "per-layer metrics (`cdnv/...`, `nc2/...`, `probe_acc/...`) are logged with step = layer index, so a "
+            "run's chart view draws them across layers, and each cell run holds its per-layer figure `layers.png`. "
+            "`layers.json` maps a step to its module.")
+
+
+def study_note(spec: Any, tags: dict[str, str], outcomes: list, analyses: dict) -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): the study, its cells, the analyses'
+    verdicts, and the command that reproduces it (the spec path and ``--set`` overrides the run was made with)."""
+    sets = " ".join(f"--set '{o}'" for o in json.loads(tags.get("pnc.overrides") or "[]"))
+    lines = [f"**{spec.name}** ({spec.kind}): {spec.description or ''}", "",
+             f"{len(outcomes)} cell(s) in this invocation:", "", "| cell | status | run |", "|---|---|---|"]
+    lines += [f"| {o.cell.name} | {o.status} | {o.run_id or ''} |" for o in outcomes[:60]]
+    verdicts = (analyses or {}).get("tags") or {}
+    lines += ["", "**Analyses**" if verdicts else "**Analyses**: none logged (see the report)", ""]
+    lines += [f"- `{k}`: {v}" for k, v in verdicts.items()]
+    command = f"pnc run {tags.get(tracking.TAG_SPEC, '')} {sets}".rstrip()
+    lines += ["", f"**Reproduce**: `{command}` (finished cells are skipped; `pnc report` with the same arguments "
+                  "draws the report)."]
+    exp = tags.get("pnc.dvc_experiment")
+    if exp:
+        lines.append(f"Run as DVC experiment `{exp}`: `dvc exp apply {exp}` restores its spec, `dvc repro` re-runs it.")
+    return "\n".join(lines)
+
+
+def finish_study(spec: Any, parent: str | None, outcomes: list, results_path: str | None, main: bool,
+                 dvc_files: DvcFiles | None = None) -> list:
+    """Study analyses, the results file (and DVC's metrics and plots files) and the parent's final status (call
+    inside the StudyGuard). Returns the outcomes that make the run incomplete: FAILED cells, and BUSY ones (another
+    process runs them)."""
     failed = [o for o in outcomes if o.status == "FAILED"]
     busy = [o for o in outcomes if o.status == "BUSY"]
     if main:
         if results_path:
             write_results(Path(results_path), spec, outcomes)
         if failed or study_complete(spec, outcomes):
-            log_study_summary(spec, parent)
+            summary = log_study_summary(spec, parent)
+            tracking.log_tags(parent, {tracking.TAG_NOTE: study_note(spec, tracking.get_run(parent).data.tags, outcomes, summary)})
+            if dvc_files is not None:
+                dvc_files.write(spec, summary)
             tracking.end_run(parent, "FAILED" if failed else "FINISHED")
         else:  # run in parts (`--cell`, fanned out) and not all done: the last cell to finish closes the study
             print(f"{spec.name}: other cells of the study are not finished yet; its analyses and parent run "

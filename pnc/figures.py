@@ -50,6 +50,32 @@ def curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color_
 
 
 
+def layer_figure(results: dict[str, list[float]], names: list[str], title: str) -> Any:
+    """One run's per-layer curves as a matplotlib figure (a panel per logged key, x = layer index, log y where the
+    metric's registration says so), the image a cell run logs as ``layers.png`` for its run page."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    keys = [k for k, v in results.items() if len(v) == len(names) and any(x == x for x in v)]
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig = Figure(figsize=(4.2 * cols, 2.8 * rows + 0.6), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = [v if v == v and (v > 0 or not log_axis(key)) else math.nan for v in results[key]]
+        ax.plot(range(len(values)), values, marker="o", markersize=3)
+        if log_axis(key):
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("layer (step)", fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def save(chart: Any, folder: Path, stem: str) -> list[str]:
     chart.save(str(folder / f"{stem}.html"), inline=True)
     chart.save(str(folder / f"{stem}.png"), scale_factor=1.5)

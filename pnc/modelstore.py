@@ -33,6 +33,7 @@ WEIGHTS_FILE = "weights.safetensors"
 RECIPE_FILE = "recipe.json"
 TAG_FORMAT = "pnc.model_format"
 ARTIFACT_NAME = "model"
+REQUIREMENTS = ("torch", "safetensors", "timm", "torchvision")  # pinned in every logged model (pnc itself loads it)
 
 
 # ------------------------------------------------------------------ recipes
@@ -107,19 +108,27 @@ def load_dir(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------ MLflow
-def log_model(net: Any, run_id: str, recipe: dict[str, Any] | None = None) -> Any:
-    """Log ``net`` to ``run_id`` as an MLflow logged model named ``model``; returns MLflow's ModelInfo."""
+def log_model(net: Any, run_id: str, recipe: dict[str, Any] | None = None, example: Any = None) -> Any:
+    """Log ``net`` to ``run_id`` as an MLflow logged model named ``model``, with the exact versions of the packages
+    that load it and, given an ``example`` batch of images, its signature; returns MLflow's ModelInfo."""
+    from importlib.metadata import version
+
     import mlflow.pyfunc
-    from mlflow.models import Model
+    import torch
+    from mlflow.models import Model, infer_signature
 
     from . import tracking
 
     exp = tracking.get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory(prefix="pnc-model-") as d, mlflow.start_run(run_id=run_id, experiment_id=exp):
         data = save_dir(net.cpu().eval(), Path(d) / "pnc", recipe)  # in the run's experiment, not MLflow's default one
+        signature = None
+        if example is not None:
+            with torch.no_grad():
+                signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
         return tracking.retrying(lambda: Model.log(None, mlflow.pyfunc, name=ARTIFACT_NAME, run_id=run_id,
-                                                   loader_module=__name__, data_path=str(data),
-                                                   pip_requirements=["pnc", "torch", "safetensors"]))
+                                                   loader_module=__name__, data_path=str(data), signature=signature,
+                                                   pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS]))
 
 
 def source_alias(source: str) -> str:
@@ -127,12 +136,12 @@ def source_alias(source: str) -> str:
 
 
 def register(net: Any, run_id: str, name: str, tags: dict[str, str], source: str,
-             recipe: dict[str, Any] | None = None) -> Any:
+             recipe: dict[str, Any] | None = None, example: Any = None) -> Any:
     """Log ``net`` to ``run_id`` and register it as a new version of ``name``, with ``tags`` (and
     ``pnc.model_format``) and the aliases ``current`` and ``src-<source>``; returns the ModelVersion."""
     from . import tracking
 
-    info = log_model(net, run_id, recipe)
+    info = log_model(net, run_id, recipe, example)
     c = tracking.client()
     try:
         tracking.retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import figures
+from . import figures, tracking
 from .catalog import model_depth, model_order
 from .errors import PncError
 from .figures import log_axis
@@ -33,6 +33,9 @@ def render_study(spec: Any, out: Path) -> Path:
                                              + sections, warnings=sel.warnings, notes=sel.notes))
 
     path = figures.publish(out, spec.name, fill)
+    parent = tracking.find_study_parent(spec.experiment, spec.name)
+    if parent is not None:  # the report on the study's parent run page too (its artifacts, folder report/)
+        tracking.log_folder(parent, path, "report")
     for w in sel.warnings:
         print(f"warning: {spec.name}: {w}", file=sys.stderr)
     for n in sel.notes:

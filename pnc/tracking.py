@@ -35,6 +35,9 @@ TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run
 TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
 TAG_MODEL_URI = "pnc.model_uri"  # the logged model a run measured (transfer targets, measure studies)
 TAG_MODEL_RUN = "pnc.model_run"  # the run that trained it: lineage walks on from there
+TAG_NOTE = "mlflow.note.content"  # MLflow's description of an experiment or a run (markdown; shown by the UI)
+# MLflow's experiment kind: the UI opens such an experiment in its "Model training" view (not the GenAI one)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 
@@ -42,12 +45,40 @@ _MAX_BATCH = 900  # MLflow allows 1000 metrics per log_batch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def project_root() -> Path:
+    """The project folder: ``$DVC_ROOT`` when DVC runs the command (the parent repository also for ``dvc exp run
+    --temp`` / ``--queue``, whose stages run in a copy under ``.dvc/tmp/exps``), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def project_store() -> str:
+    """The project's own store: SQLite ``mlflow.db`` in :func:`project_root`."""
+    return f"sqlite:///{(project_root() / 'mlflow.db').as_posix()}"
+
+
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else the project's SQLite store ``mlflow.db`` in the working directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
+    """``$MLFLOW_TRACKING_URI``, else :func:`project_store`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_store()
+
+
+def artifact_location() -> str | None:
+    """Where a new experiment of the project's store keeps its artifacts: ``mlruns/`` beside ``mlflow.db``
+    (MLflow's default is relative to the working directory, which DVC's temporary experiment copies delete).
+    None for another store (``$MLFLOW_TRACKING_URI``): that store's, or server's, default applies."""
+    if tracking_uri() != project_store():
+        return None
+    return (project_root() / "mlruns").resolve().as_uri()
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to, when ``dvc exp run`` started it (DVC sets ``DVC_EXP_NAME`` and
+    ``DVC_EXP_BASELINE_REV`` for the stages of an experiment)."""
+    out = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        out["pnc.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        out["pnc.dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return out
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -110,18 +141,20 @@ def _init_store(uri: str, make_client):
 
 
 _CLIENT = None
+_CLIENT_URI = None
 
 
 def client():
     """An MlflowClient on :func:`tracking_uri` (created once per process)."""
-    global _CLIENT
+    global _CLIENT, _CLIENT_URI
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    if _CLIENT is None or _CLIENT._tracking_client.tracking_uri != uri:
+    if _CLIENT is None or _CLIENT_URI != uri:
         mlflow.set_tracking_uri(uri)
         _CLIENT = _init_store(uri, lambda: retrying(lambda: MlflowClient(tracking_uri=uri)))
+        _CLIENT_URI = uri
     return _CLIENT
 
 
@@ -138,7 +171,7 @@ def retrying(fn, attempts: int = 8):
 
 # Untracked files here are what pnc and DVC write (data, reports, results), not code: they leave the tree clean.
 # ``.dvc`` files are the exception (a new ``dvc add`` not yet committed is a change).
-_GIT_OUTPUT_DIRS = ("data/", "reports/", "results/")
+_GIT_OUTPUT_DIRS = ("data/", "reports/", "results/", "metrics/", "plots/")
 
 
 def git_state() -> dict[str, str]:
@@ -169,17 +202,41 @@ def git_state() -> dict[str, str]:
     return out
 
 
-def experiment_id(name: str) -> str:
+def experiment_id(name: str, description: str | None = None) -> str:
+    """The experiment ``name`` (created, or restored when deleted), tagged as a model-training experiment
+    (:data:`EXPERIMENT_TAGS`) and, when given, with its ``description``."""
     c = client()
     exp = retrying(lambda: c.get_experiment_by_name(name))
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            retrying(lambda: c.restore_experiment(exp.experiment_id))
-        return exp.experiment_id
-    try:
-        return retrying(lambda: c.create_experiment(name))
-    except Exception:  # noqa: BLE001 - a concurrent process created it first
-        return retrying(lambda: c.get_experiment_by_name(name)).experiment_id
+    tags = {**EXPERIMENT_TAGS, **({TAG_NOTE: description} if description else {})}
+    if exp is None:
+        try:
+            return retrying(lambda: c.create_experiment(name, artifact_location=artifact_location(), tags=tags))
+        except Exception:  # noqa: BLE001 - a concurrent process created it first
+            exp = retrying(lambda: c.get_experiment_by_name(name))
+    if exp.lifecycle_stage == "deleted":
+        retrying(lambda: c.restore_experiment(exp.experiment_id))
+    for k, v in tags.items():
+        if exp.tags.get(k) != v:
+            retrying(lambda k=k, v=v: c.set_experiment_tag(exp.experiment_id, k, v))
+    return exp.experiment_id
+
+
+def ui_links(base: str) -> list[tuple[str, str]]:
+    """(experiment, URL) of every pnc experiment of the store in the MLflow UI at ``base``, on its runs page in the
+    UI's "Model training" view: MLflow 3's UI picks GenAI or model training from its own toggle (``workflowType``,
+    remembered by the browser), not from the experiment's kind, so the link sets it."""
+    c = client()
+    tag = next(iter(EXPERIMENT_TAGS))
+    exps = retrying(lambda: c.search_experiments(filter_string=f"tags.`{tag}` = '{EXPERIMENT_TAGS[tag]}'"))
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning") for e in exps]
+
+
+def context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` over MLflow's standard context tags of a new run (user, source name and type, git commit), as
+    MLflow's own run-context resolver finds them (what ``mlflow.start_run`` adds)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return resolve_tags(tags)
 
 
 def _search(exp_id: str, filter_string: str, max_results: int = 1000) -> list:
@@ -210,7 +267,7 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     mine = None
     try:
         if not runs:
-            run = retrying(lambda: c.create_run(exp_id, run_name=study, tags={TAG_STUDY: study, TAG_ROLE: "study", **tags}))
+            run = retrying(lambda: c.create_run(exp_id, run_name=study, tags=context_tags({TAG_STUDY: study, TAG_ROLE: "study", **tags})))
             mine = run.info.run_id
         if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
             time.sleep(_PARENT_SETTLE_S)
@@ -243,7 +300,7 @@ def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
         retrying(lambda: c.update_run(run_id, status="RUNNING"))
         log_tags(run_id, all_tags)
         return run_id
-    run = retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=all_tags))
+    run = retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=context_tags(all_tags)))
     return run.info.run_id
 
 
@@ -478,6 +535,23 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
         path = Path(d) / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
         retrying(lambda: c.log_artifact(run_id, str(path)))
+
+
+def log_figure(run_id: str, figure: Any, name: str) -> None:
+    """A matplotlib figure as the image artifact ``name`` of ``run_id`` (shown on the run page)."""
+    retrying(lambda: client().log_figure(run_id, figure, name))
+
+
+def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:
+    """Every file of ``folder`` under ``artifact_path`` of ``run_id``."""
+    retrying(lambda: client().log_artifacts(run_id, str(folder), artifact_path))
+
+
+def find_study_parent(experiment: str, study: str) -> str | None:
+    """The study's parent run (the canonical one, see :func:`study_parent`), or None."""
+    exp = retrying(lambda: client().get_experiment_by_name(experiment))
+    runs = _study_parents(exp.experiment_id, study) if exp is not None else []
+    return runs[0].info.run_id if runs else None
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

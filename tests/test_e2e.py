@@ -43,6 +43,11 @@ def test_depth_sweep_smoke(project: Path) -> None:
     parents = [x for x in runs if x.data.tags.get("pnc.role") == "study"]
     children = [x for x in runs if x.data.tags.get("pnc.role") == "cell"]
     assert len(parents) == 1 and len(children) == 2
+    # MLflow's UI conventions: a model-training experiment with a description; runs with the standard context tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and "digits_depth" in exp.tags["mlflow.note.content"]
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "**Reproduce**: `pnc run specs/digits_depth.yaml --set 'train.epochs=1' --set 'models=[resnet8, resnet14]'`" in note
+    assert all(ch.data.tags.get("mlflow.source.git.commit") and ch.data.tags.get("mlflow.user") for ch in [*parents, *children])
     expected_layers = {"resnet8": 3 + 1, "resnet14": 6 + 1}  # residual blocks + penultimate
     for child in children:
         assert child.info.status == "FINISHED"
@@ -57,7 +62,7 @@ def test_depth_sweep_smoke(project: Path) -> None:
         assert [m.step for m in c.get_metric_history(child.info.run_id, "train/loss")] == [0]
         assert 0.0 <= child.data.metrics["train/final_acc"] <= 1.0
         arts = {a.path for a in c.list_artifacts(child.info.run_id)}
-        assert "layers.json" in arts
+        assert {"layers.json", "layers.png"} <= arts
         layers = json.loads(Path(c.download_artifacts(child.info.run_id, "layers.json", str(project / "dl"))).read_text())
         assert len(layers) == n and layers[str(n - 1)] == "penultimate"
         assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits/train", "digits/test"}

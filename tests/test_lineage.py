@@ -61,13 +61,35 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     assert "[changed]" in changed.stdout and "the spec file changed since the run" in changed.stdout, changed.stdout
 
     t = pnc(["run", "specs/digits_transfer.yaml", "--set", "train.epochs=1", "--set", "models=[resnet14]", "--set", "transfer.sources=[handwritten]",
-             "--set", "transfer.targets=[typeset]"], tmp_path)
+             "--set", "transfer.targets=[typeset]", "--metrics", "metrics/t.json"], tmp_path)
     assert t.returncode == 0, t.stderr
     (trun,) = run_ids(tmp_path, "digits_transfer", "transfer")
+    from mlflow.tracking import MlflowClient
+
+    mc = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finals = mc.get_run(trun).data.metrics
+    assert json.loads((tmp_path / "metrics/t.json").read_text()) == {  # DVC's metrics file: the target run's probe
+        "final/probe_acc_target_test@model=resnet14,source=handwritten,target=typeset": finals["final/probe_acc_target_test"]}
     tl = pnc(["lineage", trun], tmp_path)
     assert tl.returncode == 0, tl.stdout + tl.stderr
     assert "models:/digits_transfer-resnet14/1" in tl.stdout and "data/embedded/digits_domains/typeset/train" in tl.stdout
     assert "probe: digits_domains/typeset/train" in tl.stdout, tl.stdout
+
+    # the registered model carries its signature (images in, logits out) and the exact versions it needs
+    from importlib.metadata import version
+
+    from mlflow.models import Model
+
+    from pnc.spec import load_spec
+
+    mv = mc.get_model_version("digits_transfer-resnet14", "1")
+    loc = Path(mc.get_logged_model(mv.source.removeprefix("models:/").split("/")[0]).artifact_location.removeprefix("file://"))
+    model = Model.load(str(loc / "MLmodel"))
+    channels = load_spec(tmp_path / "specs/digits_transfer.yaml").dataset.info.channels
+    assert model.signature.inputs.inputs[0].shape == (-1, channels, 16, 16)
+    assert model.signature.outputs.inputs[0].shape == (-1, 10)
+    reqs = (loc / "requirements.txt").read_text().split()
+    assert {f"{d}=={version(d)}" for d in ("torch", "torchvision", "timm")} <= set(reqs), reqs
 
 
 # ----------------------------------------------------------------------------- raw datasets (in-process, no training)

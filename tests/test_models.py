@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lock import LOCK_FILE, locked_version
 from pnc import catalog
 from pnc.errors import ModelError
 from pnc.models import (
@@ -40,6 +41,15 @@ def stage_grids(model: nn.Module) -> list[int]:
 # --- the committed name lists -------------------------------------------------------------------
 
 
+def test_model_names_json_is_for_the_locked_libraries():
+    """model_names.json holds for the torchvision and timm versions of requirements.lock (`make lock` writes both)."""
+    committed = json.loads(MODEL_NAMES_FILE.read_text())
+    for lib in ("torchvision", "timm"):
+        assert committed["versions"][lib] == locked_version(lib), (
+            f"{MODEL_NAMES_FILE} was generated from {lib} {committed['versions'][lib]}, {LOCK_FILE.name} pins "
+            f"{locked_version(lib)}: regenerate both with `make lock`")
+
+
 def test_model_names_json_matches_installed_libraries():
     committed = json.loads(MODEL_NAMES_FILE.read_text())
     installed = installed_model_names()
@@ -47,7 +57,7 @@ def test_model_names_json_matches_installed_libraries():
         assert committed[lib] == sorted(committed[lib]), f"{lib} names in {MODEL_NAMES_FILE} are not sorted"
         assert committed[lib] == installed[lib], (
             f"{MODEL_NAMES_FILE} is stale for {lib} (committed for {committed['versions'][lib]}, installed "
-            f"{installed['versions'][lib]}): regenerate it with `python bench/make_model_names.py` and commit it"
+            f"{installed['versions'][lib]}): regenerate it with `make lock` (or `python bench/make_model_names.py`) and commit it"
         )
 
 

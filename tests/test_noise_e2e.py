@@ -25,7 +25,7 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
-    r = pnc(["run", "specs/digits_noise.yaml", *SETS], tmp_path)
+    r = pnc(["run", "specs/digits_noise.yaml", *SETS, "--metrics", "metrics/n.json", "--curves", "plots/n.csv"], tmp_path)
     assert r.returncode == 0, r.stderr
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = c.get_experiment_by_name("digits_noise")
@@ -59,6 +59,23 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     m = analysis["noise_maps"]["resnet8/symmetric"]
     assert m["settings"] == ["clean", "symmetric:0.3", "symmetric:0.6"], m
     assert m["levels"][0] == 0.0 and m["levels"][2] == rate, "levels are the realised noise rates"
+
+    # DVC's metrics and plots files of the study: what the runs logged, per cell
+    headline = json.loads((tmp_path / "metrics/n.json").read_text())
+    for tag, run in runs.items():
+        label = f"model=resnet8,noise={tag}"
+        layers = run.data.tags["pnc.memorization_layers"]
+        assert headline[f"memorization_layers@{label}"] == (0 if layers == "none" else len(layers.split(",")))
+        assert headline[f"test/acc@{label}"] == run.data.metrics["test/acc"]
+    assert headline["noise_map/resnet8/symmetric/loo_mae"] == parent.data.metrics["noise_map/resnet8/symmetric/loo_mae"]
+    import pandas as pd
+
+    curves = pd.read_csv(tmp_path / "plots/n.csv")
+    assert list(curves.columns) == ["cell", "model", "layer", "cdnv"]
+    for tag, run in runs.items():
+        d = curves[curves.cell == f"model=resnet8,noise={tag}"].sort_values("layer")
+        logged = sorted(c.get_metric_history(run.info.run_id, "cdnv/train_noisy"), key=lambda m: m.step)
+        assert d.layer.tolist() == [m.step for m in logged] and d.cdnv.tolist() == pytest.approx([m.value for m in logged])
 
     est = pnc(["estimate-noise", runs["symmetric:0.3"].info.run_id, "--json"], tmp_path)
     assert est.returncode == 0, est.stderr

@@ -33,6 +33,7 @@ class StudyKind:
     @property
     def measures_given(self) -> bool:
         return not self.trains
+    headline_keys: ClassVar[tuple[str, ...]] = ()  # final scalars of those runs that go into DVC's metrics file, per cell
 
     # ------------------------------------------------------------------ spec
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
@@ -80,6 +81,38 @@ class StudyKind:
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
         """The report's sections (title, HTML), charts saved into ``folder``."""
         raise NotImplementedError
+
+    def headline(self, spec: Any, analyses: dict, selection: Any = None) -> dict[str, float]:
+        """The study's headline numbers, DVC's metrics file of its stage (flat: name -> number): each of
+        :attr:`headline_keys` of every ``curve_role`` run of the spec's cells as ``<key>@<cell>`` (the cell's name
+        without the study), then the metrics of ``analyses`` (:meth:`analyses`' result). ``selection`` as there."""
+        from .. import tracking
+        from ..cells import cell_label
+        from ..frames import RunSelection, run_frame
+
+        out: dict[str, float] = {}
+        runs = run_frame(spec.experiment, role=self.curve_role, runs=selection if selection is not None else RunSelection(spec))
+        for _, run in runs.iterrows():
+            for key in self.headline_keys:
+                v = run.get(key)
+                if v is not None and v == v:
+                    out[f"{key}@{cell_label(run[tracking.TAG_CELL_NAME])}"] = float(v)
+        out.update({k: float(v) for k, v in (analyses.get("metrics") or {}).items()})
+        return out
+
+    def layer_curves(self, spec: Any, selection: Any = None) -> Any:
+        """The per-layer CDNV curve of every ``curve_role`` run of the spec's cells, DVC's plots file of its stage:
+        a DataFrame with columns ``cell`` (its name without the study), ``model``, ``layer``, ``cdnv``."""
+        import pandas as pd
+
+        from ..cells import cell_label
+        from ..frames import RunSelection, layer_frame
+
+        df = layer_frame(spec.experiment, [self.curve_key], role=self.curve_role,
+                         runs=selection if selection is not None else RunSelection(spec))
+        if df.empty:
+            return pd.DataFrame(columns=["cell", "model", "layer", "cdnv"])
+        return pd.DataFrame({"cell": [cell_label(c) for c in df.cell], "model": df.model, "layer": df.layer, "cdnv": df.value})
 
 
 class CellData:

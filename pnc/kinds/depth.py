@@ -29,6 +29,7 @@ class DepthSweep(StudyKind):
     name = "depth_sweep"
     spec_class = DepthSweepSpec
     params_key = "depth_studies"
+    headline_keys = ("train/final_acc", "test/acc")
     ncc_train = True  # ncc_acc/train: a second pass over the training split with the finished class means
 
     def expand(self, spec: Any) -> list:
@@ -108,6 +109,7 @@ class DepthSweep(StudyKind):
     def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
         """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""
         from .. import tracking
+        from ..figures import layer_figure
 
         main = study.main
         model, result = self.network(study, cell, data, run_id)
@@ -130,6 +132,7 @@ class DepthSweep(StudyKind):
                 finals[f"test/{role}_acc"] = accs.get(role)
             tracking.log_metrics(run_id, finals)
             tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+            tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
         return summary
 
@@ -197,6 +200,13 @@ class DepthSweep(StudyKind):
     def depth_family(self, models: list[str]) -> bool:
         """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
         return True
+
+    def headline(self, spec: Any, analyses: dict, selection: Any = None) -> dict[str, float]:
+        """Final accuracies, the efficient depths, and per model whether its curve shows the transition (1 or 0)."""
+        out = super().headline(spec, analyses, selection)
+        for model, t in ((analyses.get("details") or {}).get("transitions") or {}).items():
+            out[f"transition/found@model={model}"] = float(bool(t.get("found")))
+        return out
 
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
         import altair as alt

@@ -345,6 +345,20 @@ class NoiseSweep(DepthSweep):
             out["details"]["noise_map_skipped"] = skipped
         return out
 
+    def headline(self, spec: Any, analyses: dict, selection: Any = None) -> dict[str, float]:
+        """Final accuracies, the noise maps' errors and slopes, and per cell the number of memorization layers."""
+        from .. import tracking
+        from ..cells import cell_label
+        from ..frames import RunSelection, run_frame
+
+        out = super().headline(spec, analyses, selection)
+        runs = run_frame(spec.experiment, runs=selection if selection is not None else RunSelection(spec))
+        for _, run in runs.iterrows():
+            layers = run.get("pnc.memorization_layers")
+            if isinstance(layers, str):
+                out[f"memorization_layers@{cell_label(run[tracking.TAG_CELL_NAME])}"] = float(0 if layers == "none" else len(layers.split(",")))
+        return out
+
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
         return render_noise(self, spec, folder, selection)
 

@@ -104,6 +104,7 @@ class DomainTransfer(StudyKind):
     probes_per_class = True
     curve_key = "cdnv/target"
     curve_role = ROLE
+    headline_keys = ("final/probe_acc_target_test",)
 
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
         out: list[tuple[tuple, str]] = []
@@ -220,7 +221,8 @@ class DomainTransfer(StudyKind):
                 vtags = {"pnc.study": spec.name, "source": cell.source, tracking.TAG_CELL: cell.id, TAG_TRAIN_KEY: cell.train_key,
                          tracking.TAG_DATA: digest, tracking.TAG_SPEC_DIGEST: spec_digest(spec), "pnc.model": cell.model.name}
                 try:
-                    box["mv"] = modelstore.register(net, att.run_id, name, vtags, cell.source)
+                    example = np.zeros((1, spec.dataset.info.channels, spec.dataset.size, spec.dataset.size), dtype=np.float32)
+                    box["mv"] = modelstore.register(net, att.run_id, name, vtags, cell.source, example=example)
                 except Exception as e:
                     raise RuntimeError(f"registering the model failed: {e}") from e
                 print(f"  trained in {time.time() - t0:.0f}s (train acc {result.acc:.4f}); registered {name} "
@@ -236,6 +238,7 @@ class DomainTransfer(StudyKind):
         """Measure the registered network of ``cell`` on ``target`` in its own sub-run: (summary, busy note)."""
         from .. import tracking
         from ..engine import cell_params, data_digest, log_params_once
+        from ..figures import layer_figure
 
         spec, main = study.spec, study.main
         tdigest = data_digest(tdat.inputs)
@@ -271,6 +274,7 @@ class DomainTransfer(StudyKind):
                       "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}
             tracking.log_metrics(att.run_id, finals)
             tracking.log_json_artifact(att.run_id, "layers.json", {str(j): n for j, n in enumerate(res["names"])})
+            tracking.log_figure(att.run_id, layer_figure(res["layers"], res["names"], target_cell(cell, target).name), "layers.png")
             print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                   f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
             return finals
