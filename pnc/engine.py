@@ -157,6 +157,8 @@ def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None
     ckpt = checkpoint_path(spec, cell)
     result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
                    progress=progress, desc=cell.name, extra_state={"run_id": run_id})
+    if accelerator.is_main_process:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
+        tracking.log_tags(run_id, {tracking.TAG_PRECISION: result.precision})
     return model, result, ckpt
 
 

@@ -31,6 +31,7 @@ TAG_DATA = "pnc.data_digest"
 TAG_SPEC = "pnc.spec_path"
 TAG_SPEC_DIGEST = "pnc.spec_digest"
 TAG_FAILURE = "pnc.failure"
+TAG_PRECISION = "pnc.precision_used"  # the precision training really ran in (train.precision fp16 on a CPU: fp32)
 TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run while it trains
 TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
 

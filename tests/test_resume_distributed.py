@@ -64,7 +64,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
         files = list(ckpts.glob("*.pt")) if ckpts.exists() else []
         if files:
             try:
-                if torch.load(files[0], weights_only=False)["epoch"] >= 2:
+                if torch.load(files[0], weights_only=True)["epoch"] >= 2:
                     break
             except Exception:  # noqa: BLE001 - being written; try again
                 pass
@@ -111,11 +111,19 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     c2, runs2 = _runs(two)
     assert len(runs2) == 1, "only the main process writes to MLflow"
     assert runs2[0].data.params["train.epochs"] == "3"
-    # Same global batches in the same order; only per-process BatchNorm statistics differ.
-    for key, rel, abs_ in (("cdnv/train", 0.15, 0.0), ("nc2/train", 0.1, 0.0), ("probe_acc/test", 0.0, 0.04)):
+    # The same global batches in the same order, each sample once per epoch (no padding: train/acc counts the 1347
+    # training samples of digits exactly). What remains is BatchNorm: each process normalises its half of a batch
+    # with that half's statistics (SyncBatchNorm is GPU-only in torch). Measured after 3 epochs: CDNV up to 10.6%
+    # apart, NC2 3.9%, probe accuracy 0.018, train loss 7.4%, train accuracy 0.013; the tolerances sit just above.
+    # (Without BatchNorm the two paths agree to float rounding: tests/test_train_distributed.py.)
+    for key, rel, abs_ in (("cdnv/train", 0.12, 0.0), ("nc2/train", 0.05, 0.0), ("probe_acc/test", 0.0, 0.025),
+                           ("train/loss", 0.09, 0.0), ("train/acc", 0.0, 0.02)):
         a, b = _layer(c1, runs1[0].info.run_id, key), _layer(c2, runs2[0].info.run_id, key)
-        assert len(a) == len(b) == 4
+        assert len(a) == len(b) == (3 if key.startswith("train/") else 4)
         assert a == pytest.approx(b, rel=rel, abs=abs_), (key, a, b)
+    for acc in _layer(c2, runs2[0].info.run_id, "train/acc"):
+        assert acc * 1347 == pytest.approx(round(acc * 1347), abs=1e-6), "train/acc counts real samples, each once"
+    assert runs2[0].data.tags["pnc.precision_used"] == "fp32"
 
 
 @pytest.mark.slow
