@@ -104,9 +104,10 @@ def cell_params(spec: Any, cell: Any) -> dict[str, str]:
 
 
 def run_tags(spec: Any, spec_path: str, overrides: list[str] | None) -> dict[str, str]:
-    """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state."""
+    """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state, the
+    hardware and numerics context."""
     return {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
-            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state()}
+            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.numerics_context()}
 
 
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:

@@ -168,6 +168,29 @@ def git_state() -> dict[str, str]:
     return out
 
 
+def numerics_context() -> dict[str, str]:
+    """What a run's numbers depend on beyond the code and the data: the CPU model, the GPU, the torch / CUDA /
+    cuDNN versions, whether deterministic algorithms are enforced, the intra-op thread count. Results are
+    bit-identical between runs only when these agree (same machine, same versions); README 'Reproducibility'."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cuda = torch.cuda.is_available()
+    cudnn = torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None
+    return {"pnc.cpu": cpu, "pnc.gpu": torch.cuda.get_device_name(0) if cuda else "none",
+            "pnc.torch": torch.__version__, "pnc.cuda": str(torch.version.cuda) if cuda else "none",
+            "pnc.cudnn": str(cudnn) if cudnn else "none",
+            "pnc.deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
+            "pnc.threads": str(torch.get_num_threads()), "pnc.python": platform.python_version()}
+
+
 def experiment_id(name: str) -> str:
     c = client()
     exp = retrying(lambda: c.get_experiment_by_name(name))

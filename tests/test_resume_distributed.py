@@ -147,6 +147,10 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     for acc in _layer(c2, runs2[0].info.run_id, "train/acc"):
         assert acc * 1347 == pytest.approx(round(acc * 1347), abs=1e-6), "train/acc counts real samples, each once"
     assert runs2[0].data.tags["pnc.precision_used"] == "fp32"
+    import torch
+
+    for run in (runs1[0], runs2[0]):  # the hardware and numerics context (tests/test_numerics_context.py)
+        assert run.data.tags["pnc.torch"] == torch.__version__ and run.data.tags["pnc.threads"] == "1"
 
 
 @pytest.mark.slow
