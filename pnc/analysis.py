@@ -286,6 +286,11 @@ def estimate_noise(noise_map: NoiseMap, cdnv: Sequence[float]) -> float:
 
 # ----------------------------------------------------------------------------- rank correlation
 MIN_CORR_POINTS = 3  # fewer points give rho = +-1 by construction: reported as "too few sources"
+# A bootstrap interval resamples sources: with k sources there are C(2k-1, k) distinct resamples (3, 10, 35, 126 for
+# k = 2..5), and a resample draws one source k times with probability k^(1-k) (50%, 11%, 1.6%, 0.16%). Below 4
+# sources the 5% / 95% quantiles of a 90% interval fall among a handful of resamples, or on resamples holding a
+# single source's points: not an interval. docs/metrics.md.
+MIN_BOOT_UNITS = 4
 N_BOOT = 2000
 CI_LEVEL = 0.9
 
@@ -405,10 +410,12 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
     excluded: they are not transfer and would dominate any correlation. Curves are aligned on
     relative depth (:func:`depth_grid`). Per target and grid point: Spearman's rho of -CDNV vs probe
     accuracy across the (source, model) pairs, NaN with note "n=K: too few sources" below
-    MIN_CORR_POINTS; percentile interval from ``n_boot`` resamples of that target's sources.
+    MIN_CORR_POINTS; percentile interval from ``n_boot`` resamples of that target's sources, given only with
+    at least MIN_BOOT_UNITS sources (else NaN with note "interval: too few sources (K)").
     Pooled: ranks are taken within each target (so targets' scales never mix), centred, and pooled
     over the targets with at least two points; rho = sum rx ry / sqrt(sum rx^2 sum ry^2); its
-    interval resamples the study's sources jointly for all targets. One fixed ``seed``.
+    interval resamples the study's sources jointly for all targets (again only with MIN_BOOT_UNITS sources or
+    more). One fixed ``seed``.
     """
     d = points.dropna(subset=["cdnv", "probe_acc"])
     d = d[d.source != d.target]
@@ -448,15 +455,17 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
         boot = np.stack([np.bincount(r, minlength=k) for r in idx]) if n_boot else np.zeros((0, k), int)
         return np.vstack([np.ones((1, k), int), boot])
 
-    def rows(rho: np.ndarray, n: np.ndarray, extra: dict) -> list[dict]:
-        """rho: (1 + n_boot, G), n: (1 + n_boot,); row 0 is the data."""
+    def rows(rho: np.ndarray, n: np.ndarray, units: int, extra: dict) -> list[dict]:
+        """rho: (1 + n_boot, G), n: (1 + n_boot,); row 0 is the data. ``units``: the sources resampled."""
         out = []
         n0 = int(n[0])
         for g in range(G):
             r = float(rho[0, g]) if n0 >= MIN_CORR_POINTS else math.nan
             b = rho[1:, g][(n[1:] >= MIN_CORR_POINTS) & np.isfinite(rho[1:, g])]
-            lo, hi = (float(v) for v in np.quantile(b, q)) if (len(b) and r == r) else (math.nan, math.nan)
-            why = f"n={n0}: too few sources" if n0 < MIN_CORR_POINTS else ("" if r == r else "constant values")
+            enough = units >= MIN_BOOT_UNITS
+            lo, hi = (float(v) for v in np.quantile(b, q)) if (enough and len(b) and r == r) else (math.nan, math.nan)
+            why = f"n={n0}: too few sources" if n0 < MIN_CORR_POINTS else ("constant values" if r != r else
+                                                                           "" if enough else f"interval: too few sources ({units})")
             out.append({"step": g, "rel_depth": float(rel[g]), "n": n0, **extra, "rho": r, "lo": lo, "hi": hi, "note": why})
         return out
 
@@ -464,7 +473,7 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
     for ti, t in enumerate(targets):
         srcs = sorted(set(src[(tgt == t) & ok]))
         num, dx, dy, n = terms(t, draws([seed, ti + 1], srcs), srcs)
-        per_target[t] = rows(_rho(num, dx, dy), n, {"sources": len(srcs)})
+        per_target[t] = rows(_rho(num, dx, dy), n, len(srcs), {"sources": len(srcs)})
 
     counts = draws([seed, 0], sources)  # one draw of sources serves every target: their errors are shared
     num, dx, dy = (np.zeros((len(counts), G)) for _ in range(3))
@@ -474,5 +483,5 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
         use = m >= 2  # a target contributes once it has two points to rank
         num, dx, dy, n = num + a * use[:, None], dx + b * use[:, None], dy + c * use[:, None], n + m * use
         k += int(use[0])
-    pooled = rows(_rho(num, dx, dy), n, {"targets": k})
+    pooled = rows(_rho(num, dx, dy), n, len(sources), {"targets": k})
     return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed)

@@ -104,9 +104,10 @@ def cell_params(spec: Any, cell: Any) -> dict[str, str]:
 
 
 def run_tags(spec: Any, spec_path: str, overrides: list[str] | None) -> dict[str, str]:
-    """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state."""
+    """Tags every run of a study carries: its spec (path, digest), the ``--set`` overrides, the git state, the
+    hardware and numerics context."""
     return {tracking.TAG_SPEC: str(spec_path), tracking.TAG_SPEC_DIGEST: spec_digest(spec),
-            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.dvc_tags()}
+            "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.dvc_tags(), **tracking.numerics_context()}
 
 
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:
@@ -185,6 +186,8 @@ def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None
     ckpt = checkpoint_path(spec, cell)
     result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
                    progress=progress, desc=cell.name, extra_state={"run_id": run_id})
+    if accelerator.is_main_process:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
+        tracking.log_tags(run_id, {tracking.TAG_PRECISION: result.precision})
     return model, result, ckpt
 
 

@@ -37,9 +37,10 @@ class Problem:
     path: str  # dotted key path, e.g. "train.epochs" or "models[2]"
     message: str
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # one line, so that every line of a report starts with its position
         where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        message = " ".join(self.message.splitlines())
+        return f"{where}: {self.path}: {message}" if self.path else f"{where}: {message}"
 
 
 class SpecError(PncError):

@@ -44,7 +44,7 @@ _NAME_RE = r"^[a-z0-9][a-z0-9_\-]*$"
 
 
 class SpecBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -671,11 +671,33 @@ def parse_yaml_text(text: str, file: str) -> Any:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(str(x) for x in (e.context, e.problem) if x)
         raise SpecError([Problem(file, line, col, "", f"malformed YAML: {what}")]) from None
-    except YAMLError as e:
-        raise SpecError([Problem(file, 1, 1, "", f"malformed YAML: {e}")]) from None
+    except YAMLError as e:  # e.g. a character YAML does not allow (ReaderError: an offset, not a mark)
+        pos = getattr(e, "position", None)
+        line, col = (text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)) if isinstance(pos, int) else (1, 1)
+        raise SpecError([Problem(file, line, col, "", f"malformed YAML: {str(e).splitlines()[0]}")]) from None
     except RecursionError:
         raise SpecError([Problem(file, 1, 1, "", "malformed YAML: nesting too deep")]) from None
+    tagged = _foreign_tags(doc)
+    if tagged:
+        raise SpecError([Problem(file, line, col, "", f"unsupported YAML tag {tag}: a spec holds plain mappings, lists "
+                                 "and scalars") for line, col, tag in tagged])
     return doc
+
+
+def _foreign_tags(node: Any, depth: int = 0) -> list[tuple[int, int, str]]:
+    """(line, col, tag) of every mapping or list carrying a tag other than YAML's own (``!!python/object:...``,
+    ``!custom``): the loader keeps such a node as a plain mapping or list, which would hide the tag."""
+    if depth > 200 or not isinstance(node, (dict, list)):
+        return []
+    out = []
+    tag = getattr(getattr(node, "tag", None), "value", None)
+    if tag is not None and tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
+        lc = getattr(node, "lc", None)
+        out.append(((lc.line + 1, lc.col + 1) if lc is not None and lc.line is not None else (1, 1))
+                   + (tag.replace("tag:yaml.org,2002:", "!!"),))
+    for child in (node.values() if isinstance(node, dict) else node):
+        out.extend(_foreign_tags(child, depth + 1))
+    return out
 
 
 def read_spec_text(path: str | Path) -> str:

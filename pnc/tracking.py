@@ -31,6 +31,7 @@ TAG_DATA = "pnc.data_digest"
 TAG_SPEC = "pnc.spec_path"
 TAG_SPEC_DIGEST = "pnc.spec_digest"
 TAG_FAILURE = "pnc.failure"
+TAG_PRECISION = "pnc.precision_used"  # the precision training really ran in (train.precision fp16 on a CPU: fp32)
 TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run while it trains
 TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
 TAG_MODEL_URI = "pnc.model_uri"  # the logged model a run measured (transfer targets, measure studies)
@@ -200,6 +201,29 @@ def git_state() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
+
+
+def numerics_context() -> dict[str, str]:
+    """What a run's numbers depend on beyond the code and the data: the CPU model, the GPU, the torch / CUDA /
+    cuDNN versions, whether deterministic algorithms are enforced, the intra-op thread count. Results are
+    bit-identical between runs only when these agree (same machine, same versions); README 'Reproducibility'."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cuda = torch.cuda.is_available()
+    cudnn = torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None
+    return {"pnc.cpu": cpu, "pnc.gpu": torch.cuda.get_device_name(0) if cuda else "none",
+            "pnc.torch": torch.__version__, "pnc.cuda": str(torch.version.cuda) if cuda else "none",
+            "pnc.cudnn": str(cudnn) if cudnn else "none",
+            "pnc.deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
+            "pnc.threads": str(torch.get_num_threads()), "pnc.python": platform.python_version()}
 
 
 def experiment_id(name: str, description: str | None = None) -> str:

@@ -9,3 +9,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Claiming a cell waits this long for concurrent claims to land (pnc's default is 2 s). Tests that race
 # processes on one cell set their own value; everywhere else one process claims, so keep the suite quick.
 os.environ.setdefault("PNC_CLAIM_SETTLE_S", "0.3")
+
+# Hypothesis: the "ci" profile (the default) is derandomized, without an example database: every run of the suite
+# tries the same examples, so a failure is reproducible and a pass means the same thing each time. The "long"
+# profile (PNC_HYPOTHESIS_PROFILE=long) searches at random, with more examples where a test takes them from the
+# profile (tests/reliability/test_spec_fuzz.py), keeping found failures in .hypothesis/ to replay them.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("long", derandomize=False, max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("PNC_HYPOTHESIS_PROFILE", "ci"))

@@ -203,6 +203,9 @@ def test_transfer_excludes_in_domain_pairs_and_says_when_there_are_too_few_sourc
     assert s["metrics"]["transfer/spearman_final_layer"] == pytest.approx(-1.0)
     assert s["details"]["transfer_correlation"]["transfer/spearman"] == pytest.approx([-1.0] * 4)
     assert "n=6 off-domain pairs, 3 targets" in s["tags"]["pnc.transfer_correlation"]
+    # 3 sources resampled: 10 distinct resamples, 11% of them one source only: no interval (was -1.00..-1.00)
+    assert all(math.isnan(r["lo"]) and math.isnan(r["hi"]) and r["note"] == "interval: too few sources (3)" for r in det["pooled"])
+    assert "(interval: too few sources (3); n=6 off-domain pairs" in s["tags"]["pnc.transfer_correlation"]
 
 
 def test_transfer_pooling_ranks_within_each_target() -> None:
@@ -339,3 +342,28 @@ def test_human_label_set_without_a_realised_rate_is_left_out_and_said(monkeypatc
     s = report.study_summary(SimpleNamespace(name="n", kind="noise_sweep", experiment="n"))
     assert s["details"]["noise_maps"] == {}
     assert any("human:aggre" in x for x in s["details"]["noise_map_skipped"])
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_transfer_interval_only_with_enough_sources_to_resample(k: int) -> None:
+    """The interval resamples sources: with 2 or 3 (3 or 10 distinct resamples) it is not computed and the note says
+    so; from 4 sources (MIN_BOOT_UNITS) it is, and it holds rho. rho itself needs only 3 points (2 models x k)."""
+    from pnc.analysis import MIN_BOOT_UNITS
+
+    rng = np.random.default_rng(k)
+    curves = {}
+    for s in range(k):
+        for m in ("m1", "m2"):
+            q = rng.uniform(1, 2)
+            curves[(m, f"S{s}", "T")] = ([q, q / 2, q / 3], [0.5 + 0.2 * q + rng.normal(0, 0.1), 0.6, 0.7 + rng.normal(0, 0.1)])
+    r = transfer_correlation(_points(_transfer_frame(curves)), n_boot=400)
+    for rows in (r.per_target["T"], r.pooled):
+        for row in rows:
+            assert row["n"] == 2 * k
+            if math.isnan(row["rho"]):
+                continue
+            if k < MIN_BOOT_UNITS:
+                assert math.isnan(row["lo"]) and math.isnan(row["hi"]) and row["note"] == f"interval: too few sources ({k})"
+            else:
+                assert row["lo"] <= row["rho"] <= row["hi"] and row["lo"] < row["hi"] and row["note"] == ""
+    assert any(not math.isnan(row["rho"]) for row in r.pooled), "rho is given from 3 points"

@@ -90,3 +90,101 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path: Path) -> None:
     resumed = train(model(), ds, tspec.model_copy(update={"epochs": 3}), accelerator=acc, checkpoint=ckpt, progress=False,
                     extra_state={"run_id": "run-B"})
     assert resumed.resumed_from == 2, "its own checkpoint is resumed"
+
+
+def _tiny_run(tmp: Path, epochs: int, ckpt: Path, *, scaler=None, reseed: int | None = None):
+    """Build (seeded), train to ``epochs`` from ``ckpt`` when present; ``reseed``: scramble every global RNG first,
+    as a fresh process resuming a killed one would have them. Returns (model, result, accelerator)."""
+    import random
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=4, in_chans=1, image_size=12, widths=[4, 8, 16])
+    if reseed is not None:
+        random.seed(reseed)
+        np.random.seed(reseed)
+        torch.manual_seed(reseed)
+    acc = make_accelerator("fp32", 1)
+    if scaler is not None:
+        acc.scaler = scaler()
+    tspec = TrainSpec(epochs=epochs, batch_size=32, seed=7, optimizer={"lr": 0.05})
+    result = train(model, ImageDataset(_split(), image_size=12, channels=1), tspec, accelerator=acc, checkpoint=ckpt,
+                   progress=False)
+    return model, result, acc
+
+
+def _draws() -> tuple:
+    import random
+
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_checkpoint_loads_with_weights_only_and_resumes_every_rng(tmp_path: Path) -> None:
+    """The checkpoint is tensors and plain types (torch.load(weights_only=True) reads it) and holds this process's
+    python, numpy and torch RNG states: a resumed process continues with the RNG streams of the uninterrupted one."""
+    import random
+
+    from pnc.train import CHECKPOINT_FORMAT
+
+    random.seed(1)
+    np.random.seed(1)
+    _tiny_run(tmp_path, 3, tmp_path / "a.pt")
+    straight = _draws()
+    random.seed(1)
+    np.random.seed(1)
+    _tiny_run(tmp_path, 1, tmp_path / "b.pt")  # "killed" after epoch 0's checkpoint
+    state = torch.load(tmp_path / "b.pt", map_location="cpu", weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["epoch"] == 0 and state["world"] == 1
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert state["scaler"] is None, "no gradient scaler in an fp32 run"
+    _, resumed, _ = _tiny_run(tmp_path, 3, tmp_path / "b.pt", reseed=123)
+    assert resumed.resumed_from == 1
+    assert _draws() == straight, "python, numpy and torch RNGs continue where the uninterrupted run's were"
+
+
+def test_a_checkpoint_that_needs_unpickling_code_is_not_loaded(tmp_path: Path) -> None:
+    """weights_only=True: a checkpoint holding an arbitrary object (it could run code when unpickled) is refused and
+    training starts over; so is one of the older format."""
+    from pnc.train import CHECKPOINT_FORMAT, load_checkpoint
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 0, "payload": Path("/")}, evil)
+    assert load_checkpoint(evil) is None
+    old = tmp_path / "old.pt"
+    torch.save({"epoch": 0, "torch_rng": torch.get_rng_state()}, old)
+    assert load_checkpoint(old) is None
+
+
+def test_gradient_scaler_state_is_checkpointed_and_resumed(tmp_path: Path) -> None:
+    """fp16 training carries a gradient scaler whose scale changes as training goes (grown after ``growth_interval``
+    clean steps, halved on an overflow). Accelerate creates it for fp16 on a GPU only, so this test runs the same code
+    path on the CPU with a CPU GradScaler put in its place (fp32 compute). A scale of 2**-126 (growing every 2 steps)
+    puts the scaled gradients among float32's subnormal numbers, where they lose precision according to the scale:
+    the weights then depend on the scale's history, as fp16 gradients do. Resumed after epoch 0, training must end
+    with the uninterrupted run's scaler state and weights. (A resume that restarted the scaler ended 2**-123 instead
+    of 2**-122, its weights up to 2.3e-3 away.)"""
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** -126, growth_interval=2)
+
+    straight, _, acc_a = _tiny_run(tmp_path, 3, tmp_path / "a.pt", scaler=scaler)
+    _tiny_run(tmp_path, 1, tmp_path / "b.pt", scaler=scaler)
+    saved = torch.load(tmp_path / "b.pt", map_location="cpu", weights_only=True)["scaler"]
+    assert saved is not None and saved["scale"] == 2.0 ** -125, "the scaler's state after epoch 0 is in the checkpoint"
+    resumed, result, acc_b = _tiny_run(tmp_path, 3, tmp_path / "b.pt", scaler=scaler, reseed=5)
+    assert result.resumed_from == 1
+    assert acc_a.scaler.state_dict()["scale"] == 2.0 ** -122
+    assert acc_b.scaler.state_dict() == acc_a.scaler.state_dict()
+    assert torch.equal(_weights(straight), _weights(resumed)), "resumed scaled training diverged from the uninterrupted run"
+
+
+def test_fp16_on_a_cpu_warns_and_records_fp32(tmp_path: Path) -> None:
+    """Accelerate has no fp16 autocast or gradient scaler on the CPU: precision fp16 trains in fp32 there. pnc warns
+    and the training result says fp32 (the runner records it as the run's tag pnc.precision_used)."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU fp16 runs as asked; this checks the CPU fallback")
+    with pytest.warns(UserWarning, match=r"train.precision fp16 needs a GPU; training runs in fp32"):
+        acc = make_accelerator("fp16", 1)
+    tspec = TrainSpec(epochs=1, batch_size=32, seed=7, precision="fp16", optimizer={"lr": 0.05})
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=4, in_chans=1, image_size=12, widths=[4, 8, 16])
+    result = train(model, ImageDataset(_split(), image_size=12, channels=1), tspec, accelerator=acc, progress=False)
+    assert result.precision == "fp32"

@@ -148,6 +148,66 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
 
+def shard_bounds(b: int, rank: int, world: int) -> tuple[int, int]:
+    """Positions [lo, hi) of process ``rank``'s contiguous part of ``b`` items split over ``world`` processes: sizes
+    differ by at most one, the first ``b % world`` processes take one more."""
+    q, rem = divmod(b, world)
+    lo = rank * q + min(rank, rem)
+    return lo, lo + q + (1 if rank < rem else 0)
+
+
+class ShardedBatches(Sampler[list]):
+    """This process's part of every global batch of an epoch: over all processes, each sample exactly once per epoch.
+
+    The epoch's order is :class:`EpochShuffle`'s permutation of (seed, epoch); global batch ``j`` is its positions
+    ``[j B, min((j + 1) B, n))`` (``B`` = ``batch_size``, the global batch whatever the number of processes), and
+    process ``rank`` takes a contiguous part of it (:func:`shard_bounds`). So 1 and N processes train on the same
+    global batches, and nothing is padded or repeated (Accelerate's prepared loader evens out the last batch with
+    repeated samples instead: 61 per epoch on digits_depth with 2 processes). Only when the last global batch has
+    fewer samples than there are processes does a process left without one get that batch's first sample with
+    weight 0: masked, it adds nothing to the loss, the gradient or the counts, and lets every process take part in
+    every gradient all-reduce.
+
+    Yields lists of ``(key, weight)``: ``key`` as EpochShuffle hands it out, ``weight`` = world / b for each of the
+    ``b`` real samples of the global batch (so that the sum of weighted losses, averaged over processes by the
+    gradient all-reduce, is the global batch's mean loss) and 0 for a masked one. :class:`WeightedKeys` serves them.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1, encode_epoch: bool = False):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.order = EpochShuffle(n, seed, encode_epoch)
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        keys = list(self.order)
+        for start in range(0, self.n, self.batch_size):
+            batch = keys[start:start + self.batch_size]
+            lo, hi = shard_bounds(len(batch), self.rank, self.world)
+            w = self.world / len(batch)
+            yield [(k, w) for k in batch[lo:hi]] or [(batch[0], 0.0)]
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+class WeightedKeys(Dataset):
+    """Serves :class:`ShardedBatches`' ``(key, weight)`` pairs: ``dataset[key]`` with the weight appended."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        key, weight = item
+        return (*self.dataset[key], weight)
+
+
 def shard_loader(ds: Dataset, *, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
     """An in-order loader over this process's shard (indices rank, rank+world, ...): no padding, no duplicates."""
     from torch.utils.data import Subset

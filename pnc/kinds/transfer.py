@@ -332,8 +332,9 @@ class DomainTransfer(StudyKind):
             last = corr.pooled[-1]
             if last["rho"] == last["rho"]:
                 metrics["transfer/spearman_final_layer"] = last["rho"]
-                tags["pnc.transfer_correlation"] = (f"final layer: rho {last['rho']:.2f} ({corr.level:.0%} CI {last['lo']:.2f}"
-                                                    f"..{last['hi']:.2f}; n={last['n']} off-domain pairs, {last['targets']} targets)")
+                ci = f"{corr.level:.0%} CI {last['lo']:.2f}..{last['hi']:.2f}" if last["lo"] == last["lo"] else last["note"]
+                tags["pnc.transfer_correlation"] = (f"final layer: rho {last['rho']:.2f} ({ci}; n={last['n']} off-domain "
+                                                    f"pairs, {last['targets']} targets)")
             else:
                 tags["pnc.transfer_correlation"] = f"final layer: no rho ({last['note']})"
         curves = corr.curves()

@@ -327,8 +327,8 @@ def fit_logistic(
     seed: int = 0, max_iter: int = 300, sketch: CountSketch | None = None,
 ) -> LinearProbe:
     """Multinomial logistic regression probe: standardise (fit-part statistics), choose C by
-    validation accuracy (ties go to the smaller C, i.e. stronger regularisation; L-BFGS warm-started
-    along the grid, in the order given), refit on all given
+    validation accuracy (ties go to the smaller C, i.e. stronger regularisation, whatever the grid's order;
+    L-BFGS warm-started along the grid, in the order given), refit on all given
     samples with the chosen C (re-standardised). ``x`` (n, D) float32 features (already sketched),
     ``y`` (n,) labels, ``is_val`` (n,) bool marks the validation part."""
     xn = x.numpy().astype(np.float32, copy=False)
@@ -355,8 +355,7 @@ def fit_logistic(
             pred = clf.predict(xvs)
         scores.append(float((pred == yv).mean()))
     best = max(scores)
-    chosen = min(i for i, v in enumerate(scores) if v >= best)
-    c = float(cs[chosen])
+    c = float(min(cs[i] for i, v in enumerate(scores) if v >= best))  # ties: the smaller C, whatever the grid order
     mu, sd = _standardise(xn)
     xs = ((xn - mu) / sd).astype(np.float32)
     if len(np.unique(yn)) < 2:

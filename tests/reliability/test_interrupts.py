@@ -68,7 +68,7 @@ def _checkpoint(d: Path, study: str = "digits_depth") -> dict | None:
     if not files:
         return None
     try:
-        return torch.load(files[0], weights_only=False, map_location="cpu")
+        return torch.load(files[0], weights_only=True, map_location="cpu")
     except Exception:  # noqa: BLE001 - being replaced right now; look again
         return None
 
