@@ -384,6 +384,10 @@ def json_schema() -> dict:
         models = d.get("properties", {}).get("models")
         if models and "items" in models:
             models["items"] = {"anyOf": [{"type": "string", "description": "model name"}, models["items"]]}
+    entry = schema.get("$defs", {}).get("ModelSpec")
+    if entry and "name" in entry.get("required", []):  # a logged model (uri) gets its name from the uri
+        entry["required"] = [r for r in entry["required"] if r != "name"]
+        entry["anyOf"] = [{"required": ["name"]}, {"required": ["uri"]}]
     schema["title"] = "pnc study spec"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

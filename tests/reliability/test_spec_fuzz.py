@@ -146,7 +146,8 @@ def mutated_spec(draw) -> Mutant:
         return Mutant(_dump(plain, typ="safe", pure=True) if op == "block" else json.dumps(plain), f"harmless:{op}", True)
     paths = [p for p in _paths(doc) if p and "kwargs" not in p]
     if how == "unknown_name":
-        names = [p for p in paths if _is_name(p) and isinstance(_get(doc, p), str)]
+        names = [p for p in paths if _is_name(p) and isinstance(_get(doc, p), str)
+                 and not (isinstance(_get(doc, p[:-1]), dict) and {"factory", "uri"} & set(_get(doc, p[:-1])))]  # free labels
         if not names:
             how = "unknown_key"
         else:
