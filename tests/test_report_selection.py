@@ -283,3 +283,22 @@ def test_published_report_has_the_umask_default_permissions(tmp_path: Path, mask
     assert mode(out) == mode(out / "sub") == 0o777 & ~mask
     assert mode(out / "index.html") == mode(out / "sub" / "a.png") == 0o666 & ~mask
     assert [p.name for p in tmp_path.iterdir()] == ["study"], "no temporary folder left behind"
+
+
+def test_report_draws_a_panel_per_family_of_the_other_selected_metrics(store: Path, charts) -> None:
+    """Metrics of the registry the spec selects beyond the Figure 1 ones get a figure per family."""
+    import pnc.report as report
+    from pnc.cells import expand
+
+    spec = _spec(DEPTH, "models=[resnet8]", "measure.metrics=[cdnv, nc2, probe, equinorm, nc3, nc4]")
+    (cell,) = expand(spec)
+    _cell_run(spec, cell, ["models=[resnet8]"], {"cdnv/train": [1.0, 0.5, 0.2], "nc2/train": [0.5] * 3,
+                                                "probe_acc/test": [0.8] * 3, "equinorm/train": [0.3, 0.2, 0.1],
+                                                "nc3/train": [0.9, 0.5, 0.1], "nc4/test": [0.7, 0.8, 0.95]},
+              {"val/acc": 0.8, "test/holdout_acc": 0.8, "test/acc": 0.8, "train/final_acc": 1.0})
+    page = (report.render_study(spec, store / "reports") / "index.html").read_text()
+    stems = [s for s, _ in charts]
+    assert {"family_geometry", "family_duality", "family_agreement"} <= set(stems) and "family_variability" not in stems
+    assert "Duality: classifier / class-mean duality (NC3)" in page
+    geometry = dict(charts)["family_geometry"]
+    assert "equinorm/train" in json.dumps(geometry)

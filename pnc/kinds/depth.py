@@ -197,6 +197,27 @@ class DepthSweep(StudyKind):
         out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
         return out
 
+    def family_panels(self, spec: Any, folder: Path, selection: Any, shown: set[str], order: list[str]) -> list[tuple[str, str]]:
+        """A figure per metric family (variability, geometry, duality, agreement) of the other registry metrics the
+        study measured (``measure.metrics``), training split and test split, one line per model."""
+        import altair as alt
+
+        from ..figures import curves, figure, log_axis, save
+        from ..frames import layer_frame
+        from ..metrics.geometry import REGISTRY
+        from ..metrics.registry import FAMILIES
+
+        keys = [f"{m.key}/{split}" for m in REGISTRY if m.name in spec.measure.metrics for split in ("train", "test")]
+        df = layer_frame(spec.experiment, [k for k in keys if k not in shown], runs=selection)
+        sections = []
+        for family, what in FAMILIES.items():
+            names = {m.key for m in REGISTRY if m.family == family}
+            present = [k for k in keys if k not in shown and k.split("/")[0] in names and not df.empty and k in set(df.metric)]
+            if present:
+                save(alt.hconcat(*[curves(df, k, k, log_axis(k), "model", order) for k in present]), folder, f"family_{family}")
+                sections.append((f"{family.capitalize()}: {what}", figure(f"family_{family}")))
+        return sections
+
     def depth_family(self, models: list[str]) -> bool:
         """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
         return True
@@ -226,6 +247,7 @@ class DepthSweep(StudyKind):
         if extra:
             save(alt.hconcat(*[curves(df, k, k, k.startswith("nc1"), "model", order) for k in extra]), folder, "extra")
             sections.append(("NC1 and nearest-class-centre accuracy", figure("extra")))
+        sections += self.family_panels(spec, folder, selection, shown={k for k, _, _ in KEYS} | set(EXTRA_KEYS), order=order)
         runs = run_frame(spec.experiment, runs=selection)
         cols = [c for c in ["pnc.model", "epochs", "overrides", "train/final_acc", "test/acc", "val/acc", "test/holdout_acc",
                             "final/probe_acc_test", "best/probe_acc_test"] if c in runs]
