@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -178,6 +179,7 @@ def load(uri: str) -> Any:
 
     from . import tracking
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny file is noise in a study's log
     c = tracking.client()  # sets MLflow's tracking URI (and credentials come from the environment, the MLflow way)
     m = re.fullmatch(r"runs:/([0-9a-f]{32})/(.+)", uri)
     if m:  # MLflow 3 keeps a run's logged models outside its artifacts: the run's logged model of that name
