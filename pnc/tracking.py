@@ -284,8 +284,23 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     Several processes may start cells of one study at once (``pnc run --cell`` fanned out): each
     may find no parent and create one. So a process that created a parent (or found a young one)
     waits until concurrent creations have committed, then every process takes the same canonical
-    parent (the oldest), and a process whose own new parent lost deletes it.
+    parent (the oldest), and a process whose own new parent lost deletes it. On a local SQLite store the
+    find-or-create is serialised by a file lock beside the database, so no parent is created twice there.
     """
+    path = _sqlite_path(tracking_uri())
+    if path is None:
+        return _study_parent(exp_id, study, tags)
+    import fcntl
+
+    with open(f"{path}-pnc-parent.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _study_parent(exp_id, study, tags)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     c = client()
     runs = _study_parents(exp_id, study)
     mine = None
