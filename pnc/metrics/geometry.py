@@ -115,10 +115,12 @@ class Geometry:
         return np.triu_indices(self.k, 1)
 
     def classifier_rows(self, what: str) -> np.ndarray | None:
-        """The classifier's rows w_k of the present classes, or None (with a warning) when none is known."""
+        """The classifier's rows w_k of the present classes, or None (with a warning) when none is known or fewer
+        than two classes are present."""
         if self.weight is None:
             warn(f"{what} needs the layer's classifier, which is not known; returning NaN")
-        return self.weight
+            return None
+        return self.weight if self.pairs_defined(what) else None
 
     def pair_cosines(self, what: str) -> np.ndarray | None:
         """cos(m_k, m_k') over the pairs k<k', or None (with a warning) where undefined."""
@@ -259,10 +261,8 @@ def gnc2(g: Geometry) -> float:
           source="Papyan et al. 2020, Fig. 5; per layer with a least-squares classifier: Harun et al. 2025")
 def nc3(g: Geometry) -> float:
     w = g.classifier_rows("NC3")
-    if w is None or not g.pairs_defined("NC3"):
-        return math.nan
-    wn, mn = float(np.linalg.norm(w)), float(np.linalg.norm(g.m))
-    if not g.means_apart(mn, "NC3") or wn == 0.0:
+    wn, mn = (float(np.linalg.norm(w)), float(np.linalg.norm(g.m))) if w is not None else (0.0, 0.0)
+    if w is None or not g.means_apart(mn, "NC3") or not g.means_apart(wn, "NC3 (the classifier)"):
         return math.nan
     return float(np.linalg.norm(w / wn - g.m / mn))
 
@@ -272,7 +272,7 @@ def nc3(g: Geometry) -> float:
           source="Wu & Papyan 2024")
 def unc3(g: Geometry) -> float:
     w = g.classifier_rows("UNC3")
-    if w is None or not g.pairs_defined("UNC3"):
+    if w is None:
         return math.nan
     wn = np.sqrt(np.einsum("ij,ij->i", w, w))
     if np.any(wn == 0) or np.any(g.norms == 0):
