@@ -74,6 +74,9 @@ CIFAR10C_CORRUPTIONS: tuple[str, ...] = (
     "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
 )
 MAX_SEVERITY = 5
+# Version of how a cell's layers are measured, part of every cell id: bumped when the same spec would log different
+# curves (2: taps with identical reduced outputs are measured once, e.g. the pooled last block and "penultimate").
+MEASUREMENT_VERSION = 2
 # Train share of a dataset without official splits (Office-Home domains, the digit domains' transfer splits).
 TRAIN_FRACTION = 0.8
 

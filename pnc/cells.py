@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import catalog
 from .errors import PncError, did_you_mean
 from .registry import KINDS
 from .spec import ModelSpec, factory_file, file_digest
@@ -89,6 +90,7 @@ def base_config(spec: Any, model: ModelSpec) -> dict:
         "train": d["train"],
         "measure": d["measure"],
         "probe": d["probe"],
+        "measurement": catalog.MEASUREMENT_VERSION,
     }
 
 

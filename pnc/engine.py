@@ -75,6 +75,9 @@ class StudyGuard:
 
 
 # ----------------------------------------------------------------------------- what a run records
+TAG_MERGED_TAPS = "pnc.merged_taps"
+
+
 def data_digest(inputs) -> str:
     h = hashlib.sha256()
     for inp in sorted(inputs, key=lambda i: (i.name, i.context)):
@@ -158,20 +161,41 @@ def check_layer_selection(spec: Any, cells: list) -> None:
 
 def planned_taps(spec: Any, cells: list) -> dict[str, list[tuple[str, str, tuple]] | str]:
     """Per model of the study: its taps (name, type, output shape at the spec's image size), or why they are not
-    known before the study runs (a logged model is loaded only then)."""
+    known before the study runs (a logged model is loaded only then). Taps that a measurement merges (identical
+    reduced outputs, ``docs/metrics.md``) are left out, and the kept tap's name says what it stands for
+    (``penultimate (= layer3.2)``): found by one forward of two random images through the model built on the CPU
+    with its initial weights."""
     import torch
 
-    from .features import tap_shapes
+    from .features import FeatureExtractor, tap_shapes
 
     out: dict[str, list | str] = {}
+    size, channels = spec.dataset.size, spec.dataset.info.channels
     for m in {c.model.name: c.model for c in cells}.values():
         if m.uri:
             out[m.name] = f"resolved when {m.uri} is loaded"
             continue
         with torch.device("meta"):
             model = build_cell_model(spec, m, pretrained=False)
-        out[m.name] = tap_shapes(model, spec.measure.layer_selection, spec.dataset.info.channels, spec.dataset.size)
+        shapes = tap_shapes(model, spec.measure.layer_selection, channels, size)
+        with FeatureExtractor(build_cell_model(spec, m, pretrained=False), spec.measure.layer_selection,
+                              spec.measure.reduction, seed=spec.train.seed) as extractor:
+            extractor(torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)))
+        into: dict[str, list[str]] = {}
+        for dropped, kept in extractor.merged.items():
+            into.setdefault(kept, []).append(dropped)
+        out[m.name] = [(n + (f" (= {', '.join(into[n])})" if n in into else ""), ty, shape)
+                       for n, ty, shape in shapes if n not in extractor.merged]
     return out
+
+
+def log_layers(run_id: str, names: Any) -> None:
+    """A measured run's ``layers.json`` (step -> tap name) and, when taps were merged (identical reduced outputs,
+    ``docs/metrics.md``), the tag ``pnc.merged_taps`` (``layer3.2 -> penultimate``)."""
+    tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+    merged = getattr(names, "merged", {})
+    if merged:
+        tracking.log_tags(run_id, {TAG_MERGED_TAPS: ", ".join(f"{a} -> {b}" for a, b in merged.items())})
 
 
 def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None):
@@ -205,7 +229,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     import torch
 
     from .data.torchdata import shard_loader
-    from .features import PENULTIMATE, FeatureExtractor, classifier
+    from .features import PENULTIMATE, FeatureExtractor, LayerNames, classifier
     from .metrics import measure
     from .metrics.probes import validation_part
 
@@ -270,8 +294,8 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
             classifiers=heads,
         )
     finally:
-        names = list(extractor.layer_names)
         extractor.close()
+    names = LayerNames(result.layers, extractor.merged)
     accs = {}
     for s, t in acc_counts.items():
         if world > 1:

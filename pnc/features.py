@@ -255,6 +255,15 @@ def _first_tensor(out: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+class LayerNames(list):
+    """Tap names in forward order; ``merged`` maps each tap measured under another name (identical reduced
+    outputs, see :class:`FeatureExtractor`) to the name kept."""
+
+    def __init__(self, names: Sequence[str] = (), merged: Mapping[str, str] | None = None):
+        super().__init__(names)
+        self.merged = dict(merged or {})
+
+
 class FeatureExtractor:
     """Forward hooks on the selected layers; ``extractor(x)`` -> ``(logits, {name: (B, D) float32})``.
 
@@ -264,23 +273,31 @@ class FeatureExtractor:
     restores its mode; the returned tensors are ordinary (not inference) tensors, so probes may train
     on them. Hooks record only during the call, so training with the hooks on costs nothing.
     A module that runs more than once in a forward (a shared ReLU) keeps its last output.
+
+    ``merge_identical``: taps whose reduced outputs are the same numbers are measured once (the pooled last block
+    and "penultimate" under ``avgpool``, a stage and its last block): decided on the first call, by exact equality
+    of that batch's reduced outputs; the *last* tap of such a group (in forward order, so "penultimate") is kept,
+    and :attr:`merged` maps each dropped name to the kept one (``docs/metrics.md``, "Layers").
     """
 
-    def __init__(self, model: nn.Module, layers: Selection = "blocks", reduction: str = "avgpool", seed: int = 0):
+    def __init__(self, model: nn.Module, layers: Selection = "blocks", reduction: str = "avgpool", seed: int = 0,
+                 merge_identical: bool = True):
         self.model = model
         self.kind, self.dim = parse_reduction(reduction)
         self.seed = seed
         selected = select_layers(model, layers)
         self.layer_names: list[str] = [n for n, _ in selected]
+        self.merged: dict[str, str] = {}
+        self._merge_pending = merge_identical and len(selected) > 1
         self._projections: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._recording = False
-        self._handles = []
+        self._handles: dict[str, Any] = {}
         for name, module in selected:
             if name == PENULTIMATE:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+                self._handles[name] = module.register_forward_pre_hook(self._pre_hook(name))
             else:
-                self._handles.append(module.register_forward_hook(self._hook(name, channels_last(model, module))))
+                self._handles[name] = module.register_forward_hook(self._hook(name, channels_last(model, module)))
 
     def _hook(self, name: str, last: bool):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -327,16 +344,41 @@ class FeatureExtractor:
         silent = [n for n in self.layer_names if n not in self._outputs]
         if silent:
             raise ModelError(f"tapped layers {silent} did not run in {type(self.model).__name__}'s forward")
+        if self._merge_pending:
+            self._merge_pending = False
+            self._merge(self._outputs)
         # clones made outside inference mode are ordinary tensors, usable by autograd (linear probes)
         features = OrderedDict((n, self._outputs[n].clone()) for n in self.layer_names)
         self._outputs = {}
         return _clone(logits), features
 
+    def _merge(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Drop every tap whose reduced output equals a later tap's exactly (non-constant outputs only: two dead
+        layers are not one layer); see the class docstring."""
+        names = self.layer_names
+        for i, name in enumerate(names):
+            a = outputs[name]
+            if a.numel() < 2 or bool((a == a.reshape(-1)[0]).all()):
+                continue
+            kept = next((later for later in names[i + 1:]
+                         if outputs[later].shape == a.shape and torch.equal(outputs[later], a)), None)
+            if kept is not None:
+                self.merged[name] = kept
+        for name in self.merged:
+            self._handles.pop(name).remove()
+        self.merged = {name: self._final(kept) for name, kept in self.merged.items()}
+        self.layer_names = [n for n in names if n not in self.merged]
+
+    def _final(self, name: str) -> str:
+        while name in self.merged:
+            name = self.merged[name]
+        return name
+
     def close(self) -> None:
         """Remove the hooks."""
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
 
     def __enter__(self) -> FeatureExtractor:
         return self

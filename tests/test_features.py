@@ -26,7 +26,7 @@ SWIN_TINY = SWIN.format("tiny")
 
 def check_taps(model: nn.Module, in_chans: int, size: int, batch: int, expected: int) -> dict[str, torch.Tensor]:
     x = torch.randn(batch, in_chans, size, size)
-    with FeatureExtractor(model) as extractor:
+    with FeatureExtractor(model, merge_identical=False) as extractor:
         logits, features = extractor(x)
     assert logits.shape == (batch, model_classes(model))
     assert len(features) == expected, list(features)
@@ -222,7 +222,7 @@ def test_features_in_forward_order_and_hooks_removed():
     order: list[str] = []
     names = [n for n, _ in select_layers(model)][:-1]
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: order.append(n)) for n in names]
-    extractor = FeatureExtractor(model)
+    extractor = FeatureExtractor(model, merge_identical=False)
     _, features = extractor(torch.randn(2, 3, 8, 8))
     assert list(features)[:-1] == order == extractor.layer_names[:-1]
     extractor.close()
@@ -279,9 +279,14 @@ def test_spec_layer_selection_reaches_the_extractor(tmp_path, text, expected):
         assert names == [n for n, _ in model.named_modules() if n.startswith("layer1.")] and len(names) > 3
     else:
         assert names == expected
-    with FeatureExtractor(model, layers=spec.measure.layer_selection) as extractor:
-        _, feats = extractor(torch.randn(2, 1, 8, 8))
-    assert list(feats) == names
+    x = torch.randn(2, 1, 8, 8)
+    with FeatureExtractor(model, layers=spec.measure.layer_selection, merge_identical=False) as extractor:
+        _, every = extractor(x)
+    assert list(every) == names
+    with FeatureExtractor(model, layers=spec.measure.layer_selection) as extractor:  # identical taps measured once
+        _, feats = extractor(x)
+    assert list(feats) == [n for n in names if n not in extractor.merged]
+    assert all(torch.equal(every[a], every[b]) for a, b in extractor.merged.items())
 
 
 @pytest.mark.parametrize(
@@ -339,3 +344,48 @@ def test_projection_matrix_is_the_same_in_another_process():
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert float(out.stdout.strip()) == here.double().sum().item()
+
+
+# --- identical taps are measured once (docs/metrics.md, "Layers") --------------------------------------------
+
+
+@pytest.mark.parametrize("name, last_block", [("resnet14", "layer3.1"), ("resnet18", "layer4.1")])
+def test_pooled_last_block_is_merged_into_penultimate(name, last_block):
+    model = build_model(name, num_classes=10)
+    x = torch.randn(3, 3, 16, 16)
+    with FeatureExtractor(model, merge_identical=False) as raw:
+        _, every = raw(x)
+    assert torch.equal(every[last_block], every[PENULTIMATE])  # why: avgpool of the last block is the head's input
+    with FeatureExtractor(model) as extractor:
+        _, first = extractor(x)
+        _, second = extractor(x)  # the decision of the first call holds: the dropped tap's hook is gone
+        assert extractor.merged == {last_block: PENULTIMATE}
+        assert list(first) == list(second) == extractor.layer_names == [n for n in every if n != last_block]
+        for n, f in second.items():
+            assert torch.equal(f, every[n]), n
+
+
+def test_stage_and_its_last_block_merge_into_the_later_tap():
+    model = build_model("resnet14", num_classes=10)
+    with FeatureExtractor(model, ["layer2", "layer2.1", "layer3.0"]) as extractor:
+        _, features = extractor(torch.randn(2, 3, 8, 8))
+    # forward order of the hooks' modules: layer2.1 is registered after layer2, so it is the one kept
+    assert extractor.merged == {"layer2": "layer2.1"} and list(features) == ["layer2.1", "layer3.0"]
+
+
+def test_no_merge_when_a_layer_sits_between_block_and_head():
+    swin = build_model(SWIN_TINY, num_classes=10, image_size=32)
+    with FeatureExtractor(swin) as extractor:
+        _, features = extractor(torch.randn(2, 3, 32, 32))
+    assert extractor.merged == {} and len(features) == 13  # timm's Swin normalises before pooling
+
+
+def test_constant_taps_are_not_merged():
+    """Two layers that output only zeros on a batch are two dead layers, not one layer."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.fill_(-1.0)  # relu(-1) = 0 everywhere: both ReLU outputs are all zero
+    with FeatureExtractor(net, ["1", "3"]) as extractor:
+        _, features = extractor(torch.randn(2, 1, 8, 8))
+    assert extractor.merged == {} and list(features) == ["1", "3"]

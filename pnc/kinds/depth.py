@@ -109,6 +109,7 @@ class DepthSweep(StudyKind):
     def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
         """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""
         from .. import tracking
+        from ..engine import log_layers
         from ..figures import layer_figure
 
         main = study.main
@@ -131,7 +132,7 @@ class DepthSweep(StudyKind):
             for role in data.extra_eval:
                 finals[f"test/{role}_acc"] = accs.get(role)
             tracking.log_metrics(run_id, finals)
-            tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+            log_layers(run_id, names)
             tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
         return summary

@@ -237,7 +237,7 @@ class DomainTransfer(StudyKind):
     def run_target(self, study: Any, cell: Cell, target: str, tdat: Any, net: Any, uri: str, mv: Any) -> tuple[dict, str]:
         """Measure the registered network of ``cell`` on ``target`` in its own sub-run: (summary, busy note)."""
         from .. import tracking
-        from ..engine import cell_params, data_digest, log_params_once
+        from ..engine import cell_params, data_digest, log_layers, log_params_once
         from ..figures import layer_figure
 
         spec, main = study.spec, study.main
@@ -273,7 +273,7 @@ class DomainTransfer(StudyKind):
             finals = {"final/probe_acc_target_test": probe[-1], "best/probe_acc_target_test": max(probe),
                       "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}
             tracking.log_metrics(att.run_id, finals)
-            tracking.log_json_artifact(att.run_id, "layers.json", {str(j): n for j, n in enumerate(res["names"])})
+            log_layers(att.run_id, res["names"])
             tracking.log_figure(att.run_id, layer_figure(res["layers"], res["names"], target_cell(cell, target).name), "layers.png")
             print(f"  {cell.source} -> {target}: final-layer probe {finals['final/probe_acc_target_test']:.4f}, "
                   f"best {finals['best/probe_acc_target_test']:.4f}", file=sys.stderr)
