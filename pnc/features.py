@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,12 +28,9 @@ PENULTIMATE = "penultimate"
 KEYWORDS = ("blocks", "stages")
 Selection = str | Sequence[str] | Mapping[str, Sequence[str]]
 
-# Class names of residual / transformer blocks, whatever library defines them.
-BLOCK_CLASSES = frozenset({
-    "BasicBlock", "Bottleneck",  # torchvision, timm and pnc ResNets
-    "PreActBasic", "PreActBottleneck",  # timm ResNetV2
-    "SwinTransformerBlock", "SwinTransformerBlockV2", "SwinTransformerV2Block",  # timm / torchvision Swin
-})
+# Undeclared models (no ``pnc_blocks``: built outside pnc.models): a block is an outermost module whose class name
+# ends in Block or Bottleneck (torchvision, timm and most residual / transformer code; "SwinTransformerBlockV2").
+BLOCK_NAME = re.compile(r"(Block|Bottleneck)(V\d+)?$")
 # Modules whose 4-D outputs are channels-last (B, H, W, C), independent of the model around them.
 CHANNELS_LAST_CLASSES = frozenset({
     "SwinTransformerBlock", "SwinTransformerBlockV2", "SwinTransformerV2Block",
@@ -71,8 +69,9 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 def block_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every residual / transformer block (outermost only), in registration (= forward) order. A model can declare
-    its own blocks: a ``pnc_blocks`` attribute listing module names in forward order (your architecture's taps)."""
+    """Every residual / transformer block (outermost only), in registration (= forward) order: the model's own
+    ``pnc_blocks`` attribute (module names in forward order: your architecture's taps; pnc.models sets it from the
+    block classes each model source declares), else the outermost modules whose class name matches ``BLOCK_NAME``."""
     declared = getattr(model, "pnc_blocks", None)
     if declared is not None:
         try:
@@ -81,7 +80,7 @@ def block_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             raise ModelError(f"{type(model).__name__}.pnc_blocks names a module it does not have: {e}") from None
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if type(module).__name__ in BLOCK_CLASSES and not any(name.startswith(f"{n}.") for n, _ in found):
+        if BLOCK_NAME.search(type(module).__name__) and not any(name.startswith(f"{n}.") for n, _ in found):
             found.append((name, module))
     return found
 

@@ -88,6 +88,7 @@ class CifarResNet(nn.Module):
             in_planes = width
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
+        self.pnc_blocks = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(n)]  # its taps (pnc.features.block_layers)
         _init_resnet_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,16 +113,31 @@ def _init_resnet_(model: nn.Module) -> None:
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
+_BLOCKS: dict[str, frozenset[str]] = {}
 
 
-def register_source(source: str) -> Callable[[Builder], Builder]:
-    """Register ``fn(name, *, num_classes, in_chans, weights_file, **kwargs) -> nn.Module``."""
+def register_source(source: str, blocks: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Register ``fn(name, *, num_classes, in_chans, weights_file, **kwargs) -> nn.Module`` and the class names of the
+    residual / transformer blocks its models are made of (their ``pnc_blocks``: what ``measure.layers: blocks`` taps)."""
 
     def add(fn: Builder) -> Builder:
         _BUILDERS[source] = fn
+        _BLOCKS[source] = frozenset(blocks)
         return fn
 
     return add
+
+
+def declare_blocks(model: nn.Module, classes: frozenset[str]) -> None:
+    """Set ``model.pnc_blocks`` (unless the model declares its own): its outermost modules of the given classes,
+    in registration (= forward) order."""
+    if getattr(model, "pnc_blocks", None) is not None or not classes:
+        return
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in classes and not any(name.startswith(f"{n}.") for n in found):
+            found.append(name)
+    model.pnc_blocks = found
 
 
 @register_source("pnc")
@@ -138,7 +154,7 @@ def _build_pnc(name: str, *, num_classes: int, in_chans: int, weights_file: Path
     return model
 
 
-@register_source("torchvision")
+@register_source("torchvision", blocks=("BasicBlock", "Bottleneck", "SwinTransformerBlock", "SwinTransformerBlockV2"))
 def _build_torchvision(
     name: str, *, num_classes: int, in_chans: int, weights_file: Path | None, **kwargs: Any
 ) -> nn.Module:
@@ -155,7 +171,8 @@ def _build_torchvision(
     return model
 
 
-@register_source("timm")
+@register_source("timm", blocks=("BasicBlock", "Bottleneck", "PreActBasic", "PreActBottleneck",
+                                  "SwinTransformerBlock", "SwinTransformerV2Block"))
 def _build_timm(name: str, *, num_classes: int, in_chans: int, weights_file: Path | None, **kwargs: Any) -> nn.Module:
     import timm
 
@@ -286,6 +303,7 @@ def build_model(
         apply_cifar_stem(model, in_chans)
     if strict_weights and weights_file is not None:
         load_weights_file(model, weights_file, strict=True)
+    declare_blocks(model, _BLOCKS[src])
     setattr(model, RECIPE_ATTR, recipe)
     return model
 

@@ -48,7 +48,7 @@ def test_depth_sweep_smoke(project: Path) -> None:
     note = parents[0].data.tags["mlflow.note.content"]
     assert "**Reproduce**: `pnc run specs/digits_depth.yaml --set 'train.epochs=1' --set 'models=[resnet8, resnet14]'`" in note
     assert all(ch.data.tags.get("mlflow.source.git.commit") and ch.data.tags.get("mlflow.user") for ch in [*parents, *children])
-    expected_layers = {"resnet8": 3 + 1, "resnet14": 6 + 1}  # residual blocks + penultimate
+    expected_layers = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the last block, merged into it
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -65,6 +65,7 @@ def test_depth_sweep_smoke(project: Path) -> None:
         assert {"layers.json", "layers.png"} <= arts
         layers = json.loads(Path(c.download_artifacts(child.info.run_id, "layers.json", str(project / "dl"))).read_text())
         assert len(layers) == n and layers[str(n - 1)] == "penultimate"
+        assert child.data.tags["pnc.merged_taps"] == f"layer3.{n // 3 - 1} -> penultimate"
         assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits/train", "digits/test"}
     lin = pnc(["lineage", children[0].info.run_id], project)
     assert lin.returncode == 0, lin.stdout + lin.stderr

@@ -15,11 +15,11 @@ from pnc.data.embedded import (
     DIGIT_CLASSES,
     DOMAINS,
     TYPESET_FONTS,
+    fraction_split,
     generate_digit_domains,
     load_digits,
     load_embedded,
     render_domain,
-    stratified_split,
     typeset_fonts,
     write_embedded,
 )
@@ -71,13 +71,13 @@ def test_load_digits_deterministic_and_seeded():
     assert load_digits(test_fraction=0.5)["test"].labels.size in (898, 899, 900, 901)
 
 
-def test_stratified_split_partitions():
+def test_fraction_split_partitions():
     labels = np.repeat(np.arange(3), [10, 7, 4])
-    tr, te = stratified_split(labels, 0.25, np.random.default_rng(0))
+    tr, te = fraction_split(labels, 0.25, np.random.default_rng(0))
     assert sorted(np.concatenate([tr, te]).tolist()) == list(range(21))
     assert np.bincount(labels[te]).tolist() == [2, 2, 1]  # round(2.5)=2, round(1.75)=2, round(1.0)=1
     with pytest.raises(ValueError):
-        stratified_split(labels, 1.0, np.random.default_rng(0))
+        fraction_split(labels, 1.0, np.random.default_rng(0))
 
 
 def test_domains_shapes_classes_balance(domains):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import fakedata as F
 from pnc.catalog import CIFAR10C_CORRUPTIONS
 from pnc.data import cifar
-from pnc.data.cifar import load_cifar10, load_cifar100, stratified_split
+from pnc.data.base import stratified_split
+from pnc.data.cifar import load_cifar10, load_cifar100
 from pnc.data.cifar10c import load_cifar10c
 from pnc.data.cifar10n import load_cifar_n, noise_rates
 from pnc.data.imagenet import load_imagenet

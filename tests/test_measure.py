@@ -180,13 +180,15 @@ def test_factory_model_on_an_image_folder_logs_cdnv_equal_to_a_float64_recomputa
                       "  - {name: tiny, factory: nets.py:build, kwargs: {width: 6}}")
     plan = pnc(["plan", spec], project)
     assert plan.returncode == 0, plan.stderr
-    assert "b1" in plan.stdout and "6 x 16 x 16" in plan.stdout and "6 x 8 x 8" in plan.stdout  # taps and shapes
+    assert "b1" in plan.stdout and "6 x 16 x 16" in plan.stdout  # taps and shapes
+    assert "penultimate (= b2)" in plan.stdout and "2 taps" in plan.stdout  # b2's pooled output is the head's input
     r = pnc(["run", spec, "--no-progress"], project)
     assert r.returncode == 0, r.stderr
     (run,) = _cells(project, "shapes_tiny")
     c = _client(project)
     names = json.loads(Path(c.download_artifacts(run.info.run_id, "layers.json", str(project))).read_text())
-    assert list(names.values()) == ["b1", "b2", "penultimate"]
+    assert list(names.values()) == ["b1", "penultimate"]  # b2's pooled output is the head's input: one tap
+    assert run.data.tags["pnc.merged_taps"] == "b2 -> penultimate"
     # the same network, the same images (resized by the same pipeline), hooked here, CDNV by the loop reference
     sys.path.insert(0, str(project))
     try:
@@ -209,7 +211,8 @@ def test_factory_model_on_an_image_folder_logs_cdnv_equal_to_a_float64_recomputa
     for h in hooks:
         h.remove()
     logged = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "cdnv/train"), key=lambda m: m.step)]
-    expected = [ref.cdnv(feats[n].double().numpy(), train.labels, K) for n in ("b1", "b2", "penultimate")]
+    assert torch.equal(feats["b2"], feats["penultimate"])
+    expected = [ref.cdnv(feats[n].double().numpy(), train.labels, K) for n in ("b1", "penultimate")]
     np.testing.assert_allclose(logged, expected, rtol=1e-4)  # float32 features: the pass's own rounding
     assert "train/last_epoch_acc" not in run.data.metrics and run.data.tags["pnc.kind"] == "measure"
     again = pnc(["run", spec, "--no-progress"], project)  # same model bytes, data and settings: skipped

@@ -31,7 +31,7 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     exp = c.get_experiment_by_name("digits_noise")
     runs = {x.data.tags.get("pnc.noise"): x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("pnc.role") == "cell"}
     assert set(runs) == {"clean", "symmetric:0.3", "symmetric:0.6", "gaussian_noise:2"}
-    n_layers = 4
+    n_layers = 3  # resnet8's 3 blocks + penultimate, the last block's pooled output merged into penultimate
     for tag, run in runs.items():
         for key in ("cdnv/train_noisy", "cdnv/train_clean", "nc2/train_noisy", "mem_ratio/train", "probe_acc/test"):
             steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, key))

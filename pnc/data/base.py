@@ -105,6 +105,27 @@ _RACY_NS = 2_000_000_000  # files modified this recently are hashed but not cach
 _SQL_CHUNK = 500
 
 
+def stratified_split(labels: np.ndarray, n_first: int | Sequence[int] | np.ndarray,
+                     seed: int | np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class split, the one every loader and study uses: for each class c (increasing label order) its samples in
+    a random order (one ``permutation`` per class drawn from ``seed``, an int or a Generator; file order when None),
+    of which the first ``n_first[c]`` (an int: the same for every class, capped at the class size) go to the first
+    index array and the rest to the second. Both are returned sorted. Written here, not with scikit-learn's
+    ``train_test_split``, so that no library upgrade changes a split."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed) if isinstance(seed, int | np.integer) else seed
+    first, rest = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if rng is not None:
+            idx = idx[rng.permutation(len(idx))]
+        k = int(n_first) if np.ndim(n_first) == 0 else int(np.asarray(n_first)[c])
+        first.append(idx[:k])
+        rest.append(idx[k:])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.sort(np.concatenate(first)) if first else empty), (np.sort(np.concatenate(rest)) if rest else empty)
+
+
 def hash_cache_dir() -> Path:
     """Folder of the per-file hash cache: ``$PNC_HASH_CACHE`` or ``.pnc/hash-cache`` in the working directory."""
     env = os.environ.get(HASH_CACHE_ENV)

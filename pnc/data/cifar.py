@@ -136,23 +136,6 @@ def md5_of(raw: bytes) -> str:
     return hashlib.md5(raw).hexdigest()
 
 
-def stratified_split(labels: np.ndarray, n_train: np.ndarray, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class split: ``n_train[c]`` samples of class ``c`` go to train, the rest to test.
-
-    With ``seed`` None the first ones in file order go to train, otherwise a seeded random choice
-    (one ``default_rng(seed)`` draw over all samples). Both index arrays are returned sorted.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    keys = np.arange(len(labels)) if seed is None else np.random.default_rng(seed).random(len(labels))
-    order = np.lexsort((keys, labels))  # by class, then by key
-    counts = np.bincount(labels, minlength=len(n_train))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    sorted_labels = labels[order]
-    rank = np.arange(len(labels)) - starts[sorted_labels]
-    is_train = rank < np.asarray(n_train)[sorted_labels]
-    return np.sort(order[is_train]), np.sort(order[~is_train])
-
-
 # ----------------------------------------------------------------------------------------------
 # CIFAR
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pnc.data.base import ImageSplit
+from pnc.data.base import ImageSplit, stratified_split
 
 DIGIT_CLASSES: list[str] = [str(i) for i in range(10)]
 DOMAINS: tuple[str, ...] = ("handwritten", "typeset", "segment")
@@ -83,23 +83,16 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(words))
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split: ``round(n_k * test_fraction)`` of each class go to test.
-
-    Returns sorted (train_index, test_index). Implemented here (not sklearn's
-    ``train_test_split``) so the split cannot change with a scikit-learn upgrade.
-    """
+def fraction_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split: ``round(n_k * test_fraction)`` of each class go to test; sorted (train, test)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     labels = np.asarray(labels)
-    train, test = [], []
+    n_test = np.zeros(int(labels.max()) + 1, dtype=np.int64)
     for k in np.unique(labels):
-        idx = np.flatnonzero(labels == k)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(len(idx) * test_fraction))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        n_test[k] = int(round(int((labels == k).sum()) * test_fraction))
+    test, train = stratified_split(labels, n_test, rng)
+    return train, test
 
 
 @lru_cache(maxsize=1)
@@ -294,7 +287,7 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> dict[str, Imag
     classes "0".."9", split stratified and seeded into {"train", "test"}."""
     images, target = _sklearn_digits()
     u8 = np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    train, test = stratified_split(target, test_fraction, _rng(seed, "digits", "split"))
+    train, test = fraction_split(target, test_fraction, _rng(seed, "digits", "split"))
     meta = {"dataset": "digits", "seed": int(seed), "test_fraction": float(test_fraction)}
     return {
         name: ImageSplit(name=f"digits/{name}", classes=list(DIGIT_CLASSES), labels=target[idx],
@@ -327,7 +320,7 @@ def generate_digit_domains(*, image_size: int = 16, per_class: int = 170, test_f
     result: dict[str, dict[str, ImageSplit]] = {}
     for domain in domains:
         images, labels = render_domain(domain, image_size=image_size, per_class=per_class, seed=seed)
-        train, test = stratified_split(labels, test_fraction, _rng(seed, "digits_domains", domain, "split"))
+        train, test = fraction_split(labels, test_fraction, _rng(seed, "digits_domains", domain, "split"))
         meta = {"dataset": "digits_domains", "domain": domain, "seed": int(seed), "image_size": int(image_size),
                 "per_class": int(per_class), "test_fraction": float(test_fraction)}
         if domain == "typeset":

@@ -25,8 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-from pnc.data.base import ImageSplit
-from pnc.data.cifar import UNPICKLE_ERRORS, data_error, dataset_root, found, str_keys, stratified_split, unpickle
+from pnc.data.base import ImageSplit, stratified_split
+from pnc.data.cifar import UNPICKLE_ERRORS, data_error, dataset_root, found, str_keys, unpickle
 
 REAL_PER_CLASS = 600
 PARTS = ("train", "val", "test")

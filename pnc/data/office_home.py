@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pnc.catalog import DATASETS, TRAIN_FRACTION
-from pnc.data.base import ImageSplit
-from pnc.data.cifar import data_error, dataset_root, found, stratified_split
+from pnc.data.base import ImageSplit, stratified_split
+from pnc.data.cifar import data_error, dataset_root, found
 from pnc.data.imagenet import IMG_EXTENSIONS
 from pnc.errors import DataError, did_you_mean
 

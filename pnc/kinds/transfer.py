@@ -79,16 +79,6 @@ def find_registered(name: str, cell: Any, digest: str) -> Any | None:
     return max(hits, key=lambda v: int(v.version)) if hits else None
 
 
-def per_class_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices of ``k`` samples per class (seeded; all of a class when it has fewer)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        out.append(np.sort(rng.permutation(idx)[:k]))
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-
-
 def target_cell(cell: Cell, target: str) -> Cell:
     """The (source, target) sub-run of ``cell``, as a cell: its name ends in ``,target=<target>``."""
     return Cell(cell.study, cell.kind, cell.model, cell.axes + (("target", target),), cell.config + target,
@@ -284,6 +274,7 @@ class DomainTransfer(StudyKind):
 
     def measure_target(self, study: Any, net: Any, tdat: Any) -> dict:
         """CDNV/NC2 on the whole target training split; probes on k samples per class of it, scored on target test."""
+        from ..data.base import stratified_split
         from ..data.torchdata import ImageDataset
         from ..engine import measure_model
 
@@ -294,7 +285,7 @@ class DomainTransfer(StudyKind):
         layers, names, _ = measure_model(net, spec, {"train": ImageDataset(tdat.train, image_size=size, channels=ch)},
                                          metrics=tuple(m for m in spec.measure.metrics if m != "probe"), **common)
         out = {key.replace("/train", "/target"): v for key, v in layers.items() if key.endswith("/train")}
-        sub = tdat.train.subset(per_class_subset(tdat.train.labels, k, spec.train.seed)) if k else tdat.train
+        sub = tdat.train.subset(stratified_split(tdat.train.labels, k, spec.train.seed)[0]) if k else tdat.train
         players, _, paccs = measure_model(net, spec, {"train": ImageDataset(sub, image_size=size, channels=ch),
                                                       "test": ImageDataset(tdat.test, image_size=size, channels=ch)},
                                           metrics=("probe",), **common)
