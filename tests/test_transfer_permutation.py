@@ -126,3 +126,34 @@ def test_one_model_per_source_has_no_p_and_says_why() -> None:
     assert all(math.isnan(row["p"]) and row["p_note"] == "one model per source: nothing to permute" for row in r.pooled)
     assert all(not math.isnan(row["rho"]) for row in r.pooled)
     assert "transfer/spearman_p" not in r.curves()
+
+
+def test_report_and_parent_run_show_the_same_p(monkeypatch, tmp_path) -> None:
+    """The report's "permutation p" column, the parent run's curve, metric and tag: one computation."""
+    from types import SimpleNamespace
+
+    import pnc.figures as figures
+    import pnc.frames as frames
+    import pnc.report as report
+    from pnc.kinds.transfer import KIND
+
+    rng = np.random.default_rng(4)
+    cdnv, acc = random_study(rng, ["m1", "m2"], layers=3)
+    rows = [{"run_id": f"{m}-{s}-{t}", "cell": "", "model": m, "depth": 0, "noise": "clean", "noise_kind": "clean",
+             "noise_level": "0", "source": s, "target": t, "metric": key, "layer": layer, "rel_depth": layer / 2, "value": float(v)}
+            for (m, s, t), cs in cdnv.items() for key, vals in (("cdnv/target", cs), ("probe_acc/target_test", acc[(m, s, t)]))
+            for layer, v in enumerate(vals)]
+    monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: pd.DataFrame(rows))
+    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: chart.to_dict() and [])
+    spec = SimpleNamespace(name="tr", kind="domain_transfer", experiment="tr", description="", train=SimpleNamespace(seed=0),
+                           transfer=SimpleNamespace(sources=list(DOMAINS), targets=list(DOMAINS)))
+    summary = report.study_summary(spec)
+    logged = summary["details"]["transfer_correlation"]["transfer/spearman_p"]
+    assert logged == pytest.approx(brute_force_p(cdnv, acc), abs=1e-12)
+    assert summary["metrics"]["transfer/spearman_final_layer_p"] == logged[-1]
+    assert summary["tags"]["pnc.transfer_correlation"].endswith(f"permutation p {logged[-1]:.3g}")
+    KIND.report(spec, tmp_path, None)
+    csv = pd.read_csv(tmp_path / "correlation.csv")
+    pooled = csv[csv.target.str.startswith("pooled")].sort_values("step")
+    np.testing.assert_array_equal(pooled["permutation p"].to_numpy(), np.array(logged))
+    assert csv[~csv.target.str.startswith("pooled")]["permutation p"].isna().all(), "p is the pooled rho's only"

@@ -441,9 +441,10 @@ def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = No
             f"({corr['n_boot']} resamples, seed {corr['seed']}). Pooled: ranks taken within each target, then pooled "
             "(targets' scales never mix); its interval resamples sources jointly for all targets. No rho below "
             "3 points. The pooled rho's <i>permutation p</i> (two-sided) shuffles the models' probe accuracies within "
-            f"each (source, target) pair of the same grid point, every permutation when there are at most {corr.get('n_perm')} "
+            f"each (source, target) group at each grid point, every permutation when there are at most {corr.get('n_perm')} "
             f"of them, else {corr.get('n_perm')} seeded ones: it asks whether, with each source's level held fixed, the "
-            "better-collapsed models are the better-probed ones (none when each source has one model).</p>" + (f"<p>{'; '.join(html.escape(n) for n in notes)}</p>" if notes else ""))
+            "better-collapsed models are the better-probed ones (none when each source has one model).</p>"
+            + (f"<p>{'; '.join(html.escape(n) for n in notes)}</p>" if notes else ""))
     sections.append(("Rank correlation across sources, per relative depth, with a bootstrap interval",
                      figure("correlation") + text + table(long)))
     (folder / "correlation.csv").write_text(long.to_csv(index=False))
