@@ -445,9 +445,11 @@ def permutation_p(rx: np.ndarray, ry: np.ndarray, groups: np.ndarray, *, n_perm:
     groups (the ranks within a target, so sum ry^2, stay as they are) and rho recomputed. Exact enumeration:
     p = #{|rho_perm| >= |rho_obs|} / #perms (the identity among them); random permutations: p = (1 + #{...}) /
     (1 + n_perm). Returns ((G,) p, exact); NaN where rho is undefined or every group holds one point."""
+    p = np.full(rx.shape[0], math.nan)
+    if n_perm < 1:  # asked for no permutation test
+        return p, False
     perms, exact = within_group_permutations(groups, n_perm, seed)
     den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
-    p = np.full(rx.shape[0], math.nan)
     if len(perms) <= 1 and exact:  # nothing to permute
         return p, exact
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -126,6 +126,8 @@ def test_one_model_per_source_has_no_p_and_says_why() -> None:
     assert all(math.isnan(row["p"]) and row["p_note"] == "one model per source: nothing to permute" for row in r.pooled)
     assert all(not math.isnan(row["rho"]) for row in r.pooled)
     assert "transfer/spearman_p" not in r.curves()
+    cdnv, acc = random_study(rng, ["m1", "m2"], layers=2)
+    assert all(math.isnan(row["p"]) for row in transfer_correlation(frame(cdnv, acc), n_boot=0, n_perm=0).pooled)
 
 
 def test_report_and_parent_run_show_the_same_p(monkeypatch, tmp_path) -> None:
