@@ -474,10 +474,9 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
     Pooled: ranks are taken within each target (so targets' scales never mix), centred, and pooled
     over the targets with at least two points; rho = sum rx ry / sqrt(sum rx^2 sum ry^2); its
     interval resamples the study's sources jointly for all targets (again only with MIN_BOOT_UNITS sources or
-    more). The pooled rho also gets a permutation p-value (:func:`permutation_p`: each (source, target) group's
-    models shuffled, ``n_perm``; NaN with ``p_note`` "one model per source: nothing to permute" when no group has two
-    models). One fixed
-    ``seed``.
+    more). The pooled rho also gets a two-sided permutation p-value ``p`` (:func:`permutation_p`: each (source,
+    target) group's models shuffled, ``n_perm``; NaN with ``p_note`` "one model per source: nothing to permute" when
+    no group has two models, and with ``n_perm=0``). One fixed ``seed``.
     """
     d = points.dropna(subset=["cdnv", "probe_acc"])
     d = d[d.source != d.target]
