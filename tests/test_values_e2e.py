@@ -9,7 +9,8 @@ from what the run left:
 * depth and noise cells: the cell's checkpoint, written after the last epoch and holding the run id (pnc deletes it
   once the run is FINISHED; the subprocess wraps ``StudyRun.execute`` so that it is kept, nothing else changes);
 * a domain-transfer target sub-run: the registered model version its tag ``pnc.model_uri`` names (loaded through
-  the model store), checked to be the one the source cell's run registered;
+  the model store), checked to be the one the source cell's run registered, with the weights of the source cell's
+  last checkpoint bit for bit (a source cell logs no per-layer metrics of its own);
 * a measure study: the weights file its spec names (the depth cell's trained weights).
 
 It reads the splits from the folders the run logged as its MLflow inputs (digests compared), turns the images into
@@ -296,6 +297,10 @@ def test_transfer_target_values_recomputed_from_the_registered_model(project: Pa
         net = modelstore.load(uri).eval()
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+    trained = checkpoint_of(project, "digits_transfer", source)["model"]  # the source cell's network after its last epoch
+    stored = net.state_dict()
+    assert set(stored) == set(trained) and all(torch.equal(stored[k], trained[k]) for k in trained), \
+        "the registered version holds the source cell's trained weights"
     names = layer_names(project, target)
     data = inputs(project, target)
     train, test = data["digits_domains/typeset/train"], data["digits_domains/typeset/test"]
