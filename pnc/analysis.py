@@ -293,6 +293,10 @@ MIN_CORR_POINTS = 3  # fewer points give rho = +-1 by construction: reported as 
 MIN_BOOT_UNITS = 4
 N_BOOT = 2000
 CI_LEVEL = 0.9
+# The pooled rho's permutation p-value: the models' probe accuracies shuffled within each (source, target) group,
+# exactly (every permutation) when there are at most N_PERM of them, else N_PERM seeded random ones. docs/metrics.md.
+N_PERM = 9999
+TIE_TOL = 1e-12  # |rho_perm| >= |rho_obs| - TIE_TOL: a permutation equal to the data up to rounding counts
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -386,6 +390,7 @@ class TransferCorrelation:
     level: float = CI_LEVEL
     n_boot: int = N_BOOT
     seed: int = SEED
+    n_perm: int = N_PERM
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -399,10 +404,64 @@ class TransferCorrelation:
             for key, col in (("transfer/spearman", "rho"), ("transfer/spearman_lo", "lo"), ("transfer/spearman_hi", "hi"),
                              ("transfer/n", "n")):
                 out[key + name] = [float(r[col]) for r in rows]
+        p = [float(r.get("p", math.nan)) for r in self.pooled]
+        if any(v == v for v in p):  # none where nothing could be permuted (one model per source)
+            out["transfer/spearman_p"] = p
         return out
 
 
-def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = CI_LEVEL) -> TransferCorrelation:
+def within_group_permutations(groups: np.ndarray, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Permutations of positions 0..P-1 that move each position only within its group (``groups``: (P,) labels).
+
+    All of them (the identity included) when there are at most ``n_perm`` (prod over groups of size!), else
+    ``n_perm`` seeded random ones. Returns ((B, P) index arrays, exact)."""
+    import itertools
+
+    groups = np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    total = math.prod(math.factorial(len(m)) for m in members)
+    P = len(groups)
+    if total <= n_perm:
+        per_group = [list(itertools.permutations(m.tolist())) for m in members]
+        out = np.empty((total, P), dtype=np.int64)
+        for b, choice in enumerate(itertools.product(*per_group)):
+            for m, perm in zip(members, choice):
+                out[b, m] = perm
+        return out, True
+    rng = np.random.default_rng(seed)
+    out = np.tile(np.arange(P), (n_perm, 1))
+    for m in members:
+        if len(m) > 1:
+            out[:, m] = m[rng.permuted(np.tile(np.arange(len(m)), (n_perm, 1)), axis=1)]
+    return out, False
+
+
+def permutation_p(rx: np.ndarray, ry: np.ndarray, groups: np.ndarray, *, n_perm: int = N_PERM,
+                  seed: int = SEED) -> tuple[np.ndarray, bool]:
+    """Two-sided permutation p-value of the pooled rho = sum rx ry / sqrt(sum rx^2 sum ry^2) at each grid point.
+
+    rx, ry: (G, P) centred within-target ranks of P pooled points; ``groups``: (P,) each point's (source, target)
+    group. The null: within a group, which model has which probe accuracy is exchangeable. ry is permuted within
+    groups (the ranks within a target, so sum ry^2, stay as they are) and rho recomputed. Exact enumeration:
+    p = #{|rho_perm| >= |rho_obs|} / #perms (the identity among them); random permutations: p = (1 + #{...}) /
+    (1 + n_perm). Returns ((G,) p, exact); NaN where rho is undefined or every group holds one point."""
+    p = np.full(rx.shape[0], math.nan)
+    if n_perm < 1:  # asked for no permutation test
+        return p, False
+    perms, exact = within_group_permutations(groups, n_perm, seed)
+    den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    if len(perms) <= 1 and exact:  # nothing to permute
+        return p, exact
+    with np.errstate(invalid="ignore", divide="ignore"):
+        obs = np.where(den > 1e-12, (rx * ry).sum(1) / np.where(den > 1e-12, den, 1.0), np.nan)
+        perm = np.einsum("gp,bgp->bg", rx, ry[:, perms].transpose(1, 0, 2)) / np.where(den > 1e-12, den, 1.0)
+    hits = (np.abs(perm) >= np.abs(obs)[None, :] - TIE_TOL).sum(0)
+    p = hits / len(perms) if exact else (1.0 + hits) / (1.0 + len(perms))
+    return np.where(np.isfinite(obs), p, np.nan), exact
+
+
+def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = CI_LEVEL,
+                         n_perm: int = N_PERM) -> TransferCorrelation:
     """Rank correlation across sources between target collapse and target probe accuracy (paper sec. 4.3).
 
     ``points``: a DataFrame with columns model, source, target, layer, cdnv, probe_acc (one row per
@@ -415,13 +474,15 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
     Pooled: ranks are taken within each target (so targets' scales never mix), centred, and pooled
     over the targets with at least two points; rho = sum rx ry / sqrt(sum rx^2 sum ry^2); its
     interval resamples the study's sources jointly for all targets (again only with MIN_BOOT_UNITS sources or
-    more). One fixed ``seed``.
+    more). The pooled rho also gets a two-sided permutation p-value ``p`` (:func:`permutation_p`: each (source,
+    target) group's models shuffled, ``n_perm``; NaN with ``p_note`` "one model per source: nothing to permute" when
+    no group has two models, and with ``n_perm=0``). One fixed ``seed``.
     """
     d = points.dropna(subset=["cdnv", "probe_acc"])
     d = d[d.source != d.target]
     curves = sorted({(str(m), str(s), str(t)) for m, s, t in zip(d.model, d.source, d.target)})
     if not curves:
-        return TransferCorrelation([], {}, [], {}, level, n_boot, seed)
+        return TransferCorrelation([], {}, [], {}, level, n_boot, seed, n_perm)
     by_curve = {k: g.sort_values("layer") for k, g in d.groupby(["model", "source", "target"])}
     lengths = [int(by_curve[c].layer.max()) + 1 for c in curves]
     rel, idx = depth_grid(lengths)
@@ -484,4 +545,18 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
         num, dx, dy, n = num + a * use[:, None], dx + b * use[:, None], dy + c * use[:, None], n + m * use
         k += int(use[0])
     pooled = rows(_rho(num, dx, dy), n, len(sources), {"targets": k})
-    return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed)
+    rx, ry, groups = [], [], []
+    for t in targets:  # the pooled points (targets with at least two), centred ranks within their target
+        cols = np.flatnonzero((tgt == t) & ok)
+        if len(cols) >= 2:
+            for v, out in ((X[:, cols], rx), (Y[:, cols], ry)):
+                out.append(_ranks(v) - (len(cols) + 1) / 2)
+            groups += [f"{s}\0{t}" for s in src[cols]]
+    p = np.full(G, math.nan)
+    if groups:
+        p, _ = permutation_p(np.hstack(rx), np.hstack(ry), np.array(groups), n_perm=n_perm, seed=seed)
+    single = len(set(groups)) == len(groups)
+    for row, pv in zip(pooled, p):
+        row["p"] = float(pv) if row["rho"] == row["rho"] else math.nan
+        row["p_note"] = "one model per source: nothing to permute" if single and row["rho"] == row["rho"] else ""
+    return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed, n_perm)

@@ -268,8 +268,6 @@ class NoiseSweep(DepthSweep):
         """Label noise, and the clean cell (noisy = clean labels, so Delta should come out 1): both label vectors
         accumulated in the one pass. Corrupted inputs: one label vector, measured on the corrupted and the clean
         images (probes train on the clean ones). Delta = CDNV(clean) / CDNV(noisy) per layer."""
-        import numpy as np
-
         from ..data.torchdata import ImageDataset
         from ..engine import measure_model
 
@@ -290,15 +288,7 @@ class NoiseSweep(DepthSweep):
             clean_layers, _, clean_accs = measure_model(model, spec, {"train": clean_ds, "test": sets["test"]},
                                                         accelerator=study.accelerator, num_classes=k, label_names=("train",),
                                                         progress=study.progress)
-            results = {key.replace("/train", "/train_noisy") if key.endswith("/train") else key: v for key, v in layers.items()
-                       if not key.startswith("probe_acc")}
-            results.update({key.replace("/train", "/train_clean"): v for key, v in clean_layers.items() if key.endswith("/train")})
-            for key, v in clean_layers.items():
-                if key.startswith("probe_acc"):
-                    results[key] = v
-            for role in data.extra_eval:  # probes on the corrupted training inputs, scored on the published corrupted test set
-                results.update({key: v for key, v in layers.items() if key.startswith("probe_acc/") and key.endswith("/" + role)})
-            results["mem_ratio/train"] = list(np.asarray(results["cdnv/train_clean"]) / np.asarray(results["cdnv/train_noisy"]))
+            results = corrupted_input_results(layers, clean_layers, data.extra_eval)
             accs["train_clean"] = clean_accs["train"]
         results.pop("memorization_layers", None)
         return results, names, accs
@@ -361,6 +351,28 @@ class NoiseSweep(DepthSweep):
 
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
         return render_noise(self, spec, folder, selection)
+
+
+def corrupted_input_results(layers: dict, clean_layers: dict, extra_roles: Any = ()) -> dict[str, list]:
+    """A corrupted-input cell's per-layer results from its two measurements of the same network with the same
+    (training) labels: ``layers`` on the corrupted training inputs it was trained on, ``clean_layers`` on the clean
+    inputs. ``<m>/train_noisy`` and ``<m>/train_clean`` per collapse metric, the probes of the clean measurement
+    (and, per further test set in ``extra_roles``, the corrupted one's), and ``mem_ratio/train`` = CDNV(clean inputs)
+    / CDNV(corrupted inputs) per layer through :func:`pnc.metrics.collapse.memorization_ratio`, the function of
+    label-noise cells (``docs/metrics.md``: a zero denominator gives inf, or NaN for 0/0, with a MetricWarning)."""
+    from ..metrics.collapse import memorization_ratio
+
+    results = {key.replace("/train", "/train_noisy") if key.endswith("/train") else key: v for key, v in layers.items()
+               if not key.startswith("probe_acc")}
+    results.update({key.replace("/train", "/train_clean"): v for key, v in clean_layers.items() if key.endswith("/train")})
+    for key, v in clean_layers.items():
+        if key.startswith("probe_acc"):
+            results[key] = v
+    for role in extra_roles:  # probes on the corrupted training inputs, scored on the published corrupted test set
+        results.update({key: v for key, v in layers.items() if key.startswith("probe_acc/") and key.endswith("/" + role)})
+    results["mem_ratio/train"] = memorization_ratio(results["cdnv/train_clean"], results["cdnv/train_noisy"],
+                                                    denominator="corrupted inputs")
+    return results
 
 
 def noise_maps(df: pd.DataFrame, runs: pd.DataFrame) -> tuple[dict, list[str]]:

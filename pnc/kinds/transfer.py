@@ -324,8 +324,12 @@ class DomainTransfer(StudyKind):
             if last["rho"] == last["rho"]:
                 metrics["transfer/spearman_final_layer"] = last["rho"]
                 ci = f"{corr.level:.0%} CI {last['lo']:.2f}..{last['hi']:.2f}" if last["lo"] == last["lo"] else last["note"]
+                pv = last.get("p", math.nan)
+                if pv == pv:
+                    metrics["transfer/spearman_final_layer_p"] = pv
+                p = f"permutation p {pv:.3g}" if pv == pv else f"no permutation p: {last.get('p_note') or 'undefined'}"
                 tags["pnc.transfer_correlation"] = (f"final layer: rho {last['rho']:.2f} ({ci}; n={last['n']} off-domain "
-                                                    f"pairs, {last['targets']} targets)")
+                                                    f"pairs, {last['targets']} targets); {p}")
             else:
                 tags["pnc.transfer_correlation"] = f"final layer: no rho ({last['note']})"
         curves = corr.curves()
@@ -406,9 +410,11 @@ def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = No
         return sections
     for model, ix in (corr.get("layers") or {}).items():
         long[f"layer ({model})"] = long.step.map(dict(enumerate(ix)))
-    cols = ["target", "step", "rel_depth", *[c for c in long if c.startswith("layer (")], "n", "rho", "lo", "hi", "note"]
+    if "p" not in long:
+        long["p"] = math.nan
+    cols = ["target", "step", "rel_depth", *[c for c in long if c.startswith("layer (")], "n", "rho", "p", "lo", "hi", "note"]
     lo, hi = f"{corr['level']:.0%} CI low", f"{corr['level']:.0%} CI high"
-    long = long[cols].rename(columns={"rel_depth": "relative depth", "lo": lo, "hi": hi})
+    long = long[cols].rename(columns={"rel_depth": "relative depth", "lo": lo, "hi": hi, "p": "permutation p"})
     plot = long[long.rho.notna()]
     ch = alt.Chart(plot).encode(x=alt.X("relative depth:Q", scale=alt.Scale(domain=[0, 1])),
                                 color=alt.Color("target:N", title="target"))
@@ -418,12 +424,18 @@ def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = No
         alt.datum.target == "pooled (ranks within target)", alt.value([1, 0]), alt.value([4, 3])),
         tooltip=["target", "step", "n", alt.Tooltip("rho:Q", format=".3f")])
     save((band + line).properties(width=420, height=180, title="Does better target collapse go with better probes?"), folder, "correlation")
-    notes = sorted({f"{r['target']}: {r['note']}" for _, r in long.iterrows() if r["note"]})
+    notes = sorted({f"{r['target']}: {r['note']}" for _, r in long.iterrows() if r["note"]}
+                   | {f"pooled (ranks within target): no permutation p, {r['p_note']}" for r in corr.get("pooled", [])
+                      if r.get("p_note")})
     text = ("<p>Per target: Spearman's rho across the off-domain (source, model) pairs measured on it (in-domain pairs "
             "left out), per relative depth, with a percentile bootstrap interval over resampled sources "
             f"({corr['n_boot']} resamples, seed {corr['seed']}). Pooled: ranks taken within each target, then pooled "
             "(targets' scales never mix); its interval resamples sources jointly for all targets. No rho below "
-            "3 points.</p>" + (f"<p>{'; '.join(html.escape(n) for n in notes)}</p>" if notes else ""))
+            "3 points. The pooled rho's <i>permutation p</i> (two-sided) shuffles the models' probe accuracies within "
+            f"each (source, target) group at each grid point, every permutation when there are at most {corr.get('n_perm')} "
+            f"of them, else {corr.get('n_perm')} seeded ones: it asks whether, with each source's level held fixed, the "
+            "better-collapsed models are the better-probed ones (none when each source has one model).</p>"
+            + (f"<p>{'; '.join(html.escape(n) for n in notes)}</p>" if notes else ""))
     sections.append(("Rank correlation across sources, per relative depth, with a bootstrap interval",
                      figure("correlation") + text + table(long)))
     (folder / "correlation.csv").write_text(long.to_csv(index=False))

@@ -91,16 +91,20 @@ class NearestClassMean:
         return self.classes[score.argmin(1)]
 
 
-def memorization_ratio(cdnv_clean: Sequence[float], cdnv_noisy: Sequence[float]) -> list[float]:
-    """Per-layer memorization ratio Delta_l = CDNV_clean,l / CDNV_noisy,l (paper Definition 1).
+def memorization_ratio(cdnv_clean: Sequence[float], cdnv_noisy: Sequence[float], *,
+                       denominator: str = "noisy labels") -> list[float]:
+    """Per-layer memorization ratio Delta_l = CDNV_clean,l / CDNV_noisy,l (paper Definition 1), as Python floats.
 
-    CDNV_noisy,l = 0 gives inf (0/0 gives NaN), with a MetricWarning."""
+    Label noise: the training split's CDNV under the clean labels over that under the noisy (trained-on) labels.
+    Corrupted inputs: the CDNV of the clean training inputs over that of the corrupted (trained-on) inputs, both
+    under the training labels, same network (``docs/metrics.md``). ``denominator`` names the noisy side in the
+    warning. CDNV_noisy,l = 0 gives inf (0/0 gives NaN), with a MetricWarning."""
     if len(cdnv_clean) != len(cdnv_noisy):
         raise ValueError(f"memorization_ratio: {len(cdnv_clean)} clean vs {len(cdnv_noisy)} noisy layers")
     out = []
     for c, n in zip(cdnv_clean, cdnv_noisy):
         if n == 0:
-            warnings.warn("memorization ratio: CDNV on noisy labels is 0", MetricWarning, stacklevel=2)
+            warnings.warn(f"memorization ratio: CDNV on {denominator} is 0 (layer {len(out)})", MetricWarning, stacklevel=2)
             out.append(math.nan if c == 0 else math.inf)
         else:
             out.append(float(c) / float(n))
