@@ -199,7 +199,8 @@ def ncc(feats: dict, names: list[str], y: np.ndarray, feats_eval: dict, y_eval: 
 def check_trained_cell(project: Path, run, net: torch.nn.Module) -> None:
     """A depth-sweep or measure cell: collapse metrics on the training split, NCC on train and test, accuracies."""
     names = layer_names(project, run)
-    assert names[-1] == "penultimate" and len(names) == 4  # ResNet-8: three blocks + penultimate
+    # ResNet-8: three blocks + penultimate, the last block's pooled output (= the head's input) merged into penultimate
+    assert names == ["layer1.0", "layer2.0", "penultimate"] and run.data.tags["pnc.merged_taps"] == "layer3.0 -> penultimate"
     data = inputs(project, run)
     train, test = data["digits/train"][0], data["digits/test"][0]
     ytr, yte = labels(train), labels(test)
