@@ -239,6 +239,7 @@ class DomainTransfer(StudyKind):
         from .. import tracking
         from ..engine import cell_params, data_digest, log_params_once
         from ..figures import layer_figure
+        from ..metrics.geometry import REGISTRY
 
         spec, main = study.spec, study.main
         tdigest = data_digest(tdat.inputs)
@@ -268,7 +269,9 @@ class DomainTransfer(StudyKind):
             res = self.measure_target(study, net, tdat)
             if not main:
                 return {}
+            res["layers"], matrices = REGISTRY.split(res["layers"])  # matrix metrics (cdnv_matrix): an artifact
             tracking.log_layer_metrics(att.run_id, res["layers"])
+            tracking.log_matrix_artifacts(att.run_id, matrices, res["names"])
             probe = res["layers"]["probe_acc/target_test"]
             finals = {"final/probe_acc_target_test": probe[-1], "best/probe_acc_target_test": max(probe),
                       "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}

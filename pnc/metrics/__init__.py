@@ -60,6 +60,7 @@ _WHERE = {
                  "memorization_layers", "memorization_ratio", "nc1", "nc2"),
     "comm": ("Comm",),
     "geometry": ("Geometry", "REGISTRY", "pair_sq_distances"),
+    "matrices": ("matrix_arrays", "read_npz", "tidy_columns", "write_npz"),
     "measurement": ("METRICS", "Measurements", "class_summary", "collapse_metrics", "measure", "ncc_accuracy"),
     "options": ("DEFAULTS", "MeasureOptions", "LOGISTIC_CS", "RIDGE_ALPHAS"),
     "probes": ("CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments",
