@@ -38,6 +38,9 @@ Output keys of ``Measurements.metrics`` (one float per layer, step = layer index
 * ``mem_ratio/train`` = cdnv/train_clean / cdnv/train_noisy when label_names holds "noisy" and
   "clean"; ``Measurements.memorization_layers`` = indices with ratio > 1.
 
+Matrix metrics (``cdnv_matrix``) are in ``Measurements.matrices`` under the same key scheme, one K x K array
+per layer; :mod:`pnc.metrics.matrices` writes and reads their run artifact (``cdnv_matrix.npz``).
+
 Convenience
 -----------
 ``collapse_metrics(features, labels, num_classes) -> {"cdnv", "nc1", "nc2"}`` and
