@@ -486,3 +486,8 @@ def test_noise_and_transfer_reports_draw_the_family_panels(store: Path, charts) 
     assert [c["hconcat"][0]["title"] for c in geo["vconcat"]] == ["target handwritten"]
     assert len(geo["vconcat"][0]["hconcat"]) == 3  # a column per target, a line per source
     assert len(dict(charts)["heatmap_cdnv_matrix"]["vconcat"]) == 9  # a row per (source, target) run
+
+
+def test_the_embedded_depth_study_selects_the_whole_family() -> None:
+    """`make repro`'s depth run logs every metric of the registry for every layer (issue 15)."""
+    assert set(load("specs/digits_depth.yaml").measure.metrics) == set(REGISTRY.selectable())
