@@ -462,13 +462,14 @@ def test_noise_and_transfer_reports_draw_the_family_panels(store: Path, charts) 
     for cell in expand(spec):
         finished_run(spec, cell, {"cdnv/train_noisy": [1.0, 0.5], "equinorm/train_noisy": [0.3, 0.2],
                                   "equinorm/train_clean": [0.31, 0.21], "nc1_tr/train_clean": [2.0, 1.0],
-                                  "nc3/train_noisy": [0.9, 0.4], "nc4/test": [0.6, 0.9]}, {"test/acc": 0.9})
+                                  "nc3/train_noisy": [0.9, 0.4], "nc4/test_clean": [0.6, 0.9]}, {"test/acc": 0.9})
     secs = noise.family_sections(spec, store, sel=None, shown={"cdnv/train_noisy"}, levels=["clean", "symmetric:0.4"])
     assert [t for t, _ in secs] == ["Variability: within-class variability (NC1)", "Geometry: geometry of the class means (NC2)",
                                     "Duality: classifier / class-mean duality (NC3)",
                                     "Agreement: classifier / nearest-class-mean agreement (NC4)"]
     geo = json.dumps(dict(charts)["family_geometry"])
     assert "equinorm/train_noisy" in geo and "equinorm/train_clean" in geo and "model resnet8" in geo
+    assert "nc4/test_clean" in json.dumps(dict(charts)["family_agreement"])
 
     charts.clear()
     tspec = load("specs/digits_transfer.yaml", "models=[resnet8]", "measure.metrics=[cdnv, nc2, probe, max_angle, cdnv_matrix]")

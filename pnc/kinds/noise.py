@@ -468,15 +468,17 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
 
 def family_sections(spec: Any, folder: Path, sel: Any, shown: set[str], levels: list[str]) -> list[tuple[str, str]]:
     """The depth report's family panels (variability, geometry, duality, agreement) for the registry metrics the spec
-    selects beyond the noise figure's, on the noisy and clean training labels and the test split: a row per metric,
+    selects beyond the noise figure's, on the noisy and clean training labels and the test split (the test split's
+NCC/NC4 per training label vector where there are two): a row per metric,
     a column per model, a line per noise setting; and the heatmaps of a selected matrix metric (``cdnv_matrix``) on
     the noisy training labels, a row per cell."""
-    from ..catalog import model_order
     from ..figures import family_keys, family_panels
     from ..frames import layer_frame
     from .depth import matrix_sections
 
-    keys = [k for k in family_keys(spec.measure.metrics, ["train_noisy", "train_clean", "test"]) if k not in shown]
+    # label noise: two label vectors, so NCC/NC4 on the test split per training label vector (test_noisy, test_clean)
+    splits = ["train_noisy", "train_clean", "test", "test_noisy", "test_clean"]
+    keys = [k for k in family_keys(spec.measure.metrics, splits) if k not in shown]
     df = layer_frame(spec.experiment, keys, runs=sel)
     models = model_order(df.model.unique()) if not df.empty else []
     order = df.sort_values(["depth", "model"], kind="stable").drop_duplicates("cell").cell.tolist() if not df.empty else None
