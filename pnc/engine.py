@@ -224,7 +224,9 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     class means for NCC, probe training data) and optional "test" and further test sets. ``ncc_train`` adds
     a second pass over the training split for ``ncc_acc/train`` (the nearest-class-mean classifier needs the
     finished class means). ``metrics``: what to measure (default ``spec.measure.metrics``). Returns per-layer results, layer
-    names and the network's own accuracy on each split (against label column 0).
+    names and the network's own accuracy on each split (against label column 0). The results hold the per-layer curves
+    and, when selected, the matrix metrics (``cdnv_matrix/<split>``: a K x K array per layer), which
+    :meth:`pnc.metrics.registry.Registry.split` separates (curves are logged, matrices saved as an artifact).
     """
     import torch
 
@@ -301,7 +303,7 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
         if world > 1:
             t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
         accs[s] = (t[0] / t[1]).item() if t[1] > 0 else float("nan")
-    return dict(result.metrics), names, accs
+    return {**result.metrics, **result.matrices}, names, accs  # matrix metrics: REGISTRY.split() them off before logging
 
 
 # ----------------------------------------------------------------------------- one study's run

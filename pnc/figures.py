@@ -17,6 +17,8 @@ from .errors import PncError
 from .metrics.geometry import REGISTRY
 from .tracking import tracking_uri
 
+HEATMAP_MAX_CLASSES = 100  # matrix metrics of more classes are not drawn (their artifacts hold them)
+
 
 def log_axis(key: str) -> bool:
     """Whether a per-layer metric (a logged key ``<metric>/<split>``) is drawn on a log axis: as its metric's
@@ -48,6 +50,85 @@ def curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color_
         base = base + alt.Chart(pd.DataFrame({"y": [rule]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return base
 
+
+
+def family_keys(selected: Any, splits: list[str]) -> list[str]:
+    """The logged keys ``<metric>/<split>`` of the scalar registry metrics among ``selected`` (a spec's
+    ``measure.metrics``), per split, in registry order."""
+    return [f"{m.key}/{split}" for m in REGISTRY if m.name in selected and m.kind == "scalar" for split in splits]
+
+
+def family_panels(df: pd.DataFrame, keys: list[str], folder: Path, *, color: str, order: list[str] | None,
+                  facet: str | None = None, facet_order: list[str] | None = None, stem: str = "family",
+                  title: str = "") -> list[tuple[str, str]]:
+    """A figure per metric family (variability, geometry, duality, agreement, probes: :data:`FAMILIES`) of the
+    per-layer curves ``keys`` found in ``df`` (a :func:`pnc.frames.layer_frame`), one line per ``color`` value; with
+    ``facet``, a row per key and a column per ``facet`` value (e.g. per model, per target). Returns the report
+    sections (figures saved as ``<stem>_<family>``); families with none of ``keys`` logged get none."""
+    import altair as alt
+
+    from .metrics.registry import FAMILIES
+
+    have = set(df.metric) if not df.empty else set()
+    sections = []
+    for family, what in FAMILIES.items():
+        present = [k for k in keys if k in have and (m := REGISTRY.for_key(k)) is not None and m.family == family]
+        if not present:
+            continue
+        if facet is None:
+            chart = alt.hconcat(*[curves(df, k, k, log_axis(k), color, order) for k in present])
+        else:
+            values = facet_order or sorted(df[facet].unique())
+            chart = alt.vconcat(*[alt.hconcat(*[curves(df[df[facet] == v], k, k, log_axis(k), color, order)
+                                                .properties(title=f"{facet} {v}" if k == present[0] else "")
+                                                for v in values if not df[(df[facet] == v) & (df.metric == k)].empty])
+                                  for k in present])
+        save(chart.properties(title=title) if title else chart, folder, f"{stem}_{family}")
+        sections.append((f"{family.capitalize()}: {what}", figure(f"{stem}_{family}")))
+    return sections
+
+
+def matrix_heatmaps(frame: pd.DataFrame, folder: Path, name: str, *, rows: str,
+                    row_order: list[str] | None = None) -> list[tuple[str, str]]:
+    """Heatmaps of the matrix metric ``name`` (its :func:`pnc.frames.matrix_frame`) at the first, middle and last
+    tapped layer: a row per ``rows`` value (e.g. model) and split, a column per layer position, colour on a log
+    scale where the metric's registration says so (one scale for all). Diagonal and absent-class entries (NaN) and
+    inf are left blank. Returns the report section (figure ``heatmap_<name>``), or none when nothing is drawable."""
+    import altair as alt
+
+    if frame.empty:
+        return []
+    metric = REGISTRY[name]
+    d = frame[frame.value.notna() & (frame.value != float("inf")) & (frame.value != float("-inf"))]
+    if metric.log_axis:
+        d = d[d.value > 0]
+    if d.empty:
+        return []
+    k = int(frame.class_i.max()) + 1
+    side = max(2, min(16, 240 // k))
+    scale = alt.Scale(type="log", scheme="viridis") if metric.log_axis else alt.Scale(scheme="viridis")
+    grid = []
+    positions = [p for p in ("first", "middle", "last") if p in set(d.position)]
+    for r in row_order or sorted(d[rows].unique()):
+        for split in sorted(d[d[rows] == r].split.unique()):
+            sub = d[(d[rows] == r) & (d.split == split)]
+            charts = []
+            for pos in positions:
+                p = sub[sub.position == pos]
+                if p.empty:
+                    continue
+                where = f"layer {int(p.layer.iloc[0])} ({p.module.iloc[0]})"
+                charts.append(alt.Chart(p).mark_rect().encode(
+                    x=alt.X("class_j:O", title="class"), y=alt.Y("class_i:O", title="class"),
+                    color=alt.Color("value:Q", scale=scale, title=metric.label),
+                    tooltip=["class_i", "class_j", alt.Tooltip("value:Q", format=".4g")],
+                ).properties(width=side * k, height=side * k, title=f"{r}, {split}: {pos}, {where}"))
+            if charts:
+                grid.append(alt.hconcat(*charts))
+    if not grid:
+        return []
+    save(alt.vconcat(*grid).resolve_scale(color="shared"), folder, f"heatmap_{name}")
+    return [(f"{metric.label} ({name}) at the first, middle and last tapped layer", figure(f"heatmap_{name}"))]
 
 
 def layer_figure(results: dict[str, list[float]], names: list[str], title: str) -> Any:

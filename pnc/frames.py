@@ -1,5 +1,6 @@
 """MLflow -> tidy frames: which runs stand for a spec (:class:`RunSelection`), one row per (run, metric, layer)
-(:func:`layer_frame`) and one row per run (:func:`run_frame`). Reads MLflow only, never torch; the figures
+(:func:`layer_frame`), one row per run (:func:`run_frame`) and one per matrix entry of a matrix metric's
+artifact (:func:`matrix_frame`). Reads MLflow only, never torch; the figures
 (:mod:`pnc.figures`) and the kinds' analyses and report sections are built on these frames.
 """
 from __future__ import annotations
@@ -165,6 +166,40 @@ def layer_frame(experiment: str, keys: list[str], role: str = "cell", runs: RunS
                     "metric": key, "layer": layer, "rel_depth": layer / max(1, n - 1), "value": v,
                 })
     return pd.DataFrame(rows)
+
+
+def matrix_frame(experiment: str, artifact: str, splits: list[str], role: str = "cell",
+                 runs: RunSelection | list | None = None, max_classes: int | None = None) -> pd.DataFrame:
+    """One row per (run, split, layer, class_i, class_j) of a matrix metric's artifact (``cdnv_matrix.npz``,
+    :mod:`pnc.metrics.matrices`) for the first, middle and last tapped layer of each selected run that logged it:
+    run_id, cell, model, depth, source, target, split, layer, module, position ("first" / "middle" / "last"),
+    class_i, class_j, value. Runs with more than ``max_classes`` classes are left out (a figure cannot show them)."""
+    import os
+    import tempfile
+
+    from .metrics.matrices import read_npz, tidy_columns
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small artifact is noise
+    c = tracking.client()
+    frames = []
+    for r in _selected(experiment, role, runs):
+        if artifact not in {a.path for a in tracking.retrying(lambda r=r: c.list_artifacts(r.info.run_id))}:
+            continue
+        with tempfile.TemporaryDirectory(prefix="pnc-matrix-") as d:
+            arrays = read_npz(tracking.retrying(lambda r=r, d=d: c.download_artifacts(r.info.run_id, artifact, d)))
+        n, k = arrays["value"].shape[1], arrays["value"].shape[-1]
+        if n == 0 or (max_classes is not None and k > max_classes):
+            continue
+        ends = dict.fromkeys([0, (n - 1) // 2, n - 1])  # first, middle, last (fewer when the run has < 3 layers)
+        f = pd.DataFrame(tidy_columns(arrays, list(ends), splits))
+        f["position"] = f.layer.map(dict(zip(ends, ("first", "middle", "last") if len(ends) == 3 else ("first", "last"))))
+        tags = r.data.tags
+        for col, tag, default in (("cell", tracking.TAG_CELL_NAME, ""), ("model", "pnc.model", ""), ("source", "source", ""),
+                                  ("target", "target", ""), ("noise", "pnc.noise", "clean")):
+            f[col] = tags.get(tag, default)
+        f["run_id"], f["depth"] = r.info.run_id, int(tags.get("pnc.depth", "0") or 0)
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def run_frame(experiment: str, role: str = "cell", runs: RunSelection | list | None = None) -> pd.DataFrame:

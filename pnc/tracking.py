@@ -576,6 +576,22 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
         retrying(lambda: c.log_artifact(run_id, str(path)))
 
 
+def log_matrix_artifacts(run_id: str, matrices: dict[str, Any], modules: list[str]) -> list[str]:
+    """The matrix metrics of a run (``{"cdnv_matrix/<split>": [K x K array per layer]}``, the second half of
+    :meth:`pnc.metrics.registry.Registry.split`) as one compressed ``<metric>.npz`` artifact each (layout:
+    :mod:`pnc.metrics.matrices`); returns the artifact names."""
+    from .metrics.matrices import matrix_arrays, write_npz
+
+    c = client()
+    names = []
+    for name, arrays in matrix_arrays(matrices, modules).items():
+        with tempfile.TemporaryDirectory(prefix="pnc-artifact-") as d:
+            path = write_npz(Path(d) / name, arrays)
+            retrying(lambda path=path: c.log_artifact(run_id, str(path)))
+        names.append(name)
+    return names
+
+
 def log_figure(run_id: str, figure: Any, name: str) -> None:
     """A matplotlib figure as the image artifact ``name`` of ``run_id`` (shown on the run page)."""
     retrying(lambda: client().log_figure(run_id, figure, name))

@@ -4,7 +4,8 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 tests/dist_metrics_wor
 
 Shards the data unequally between ranks (and gives rank 1 no eval batch at all in one run), runs
 `pnc.metrics.measure` through an `accelerate.Accelerator(cpu=True)` and through plain
-torch.distributed, and writes the results of rank 0 (plus a check that all ranks agree) as JSON.
+torch.distributed, and writes the results of rank 0 (plus a check that all ranks agree) as JSON. The "family"
+run selects every metric of the registry (matrix metrics as nested lists).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ def main(data_path: str, out_path: str) -> None:
 
     r = measure(extract, padded(odd_tr, 17), padded_eval(odd_te, 13), accelerator=acc, **kw)
     results["padded_masked"] = {"metrics": r.as_dict(), "probe": r.info["probe"], "samples": r.samples}
+    # every selectable metric of the registry (the whole family, nc4, cdnv_matrix), a "train" eval split too, the
+    # probe as the classifier of two layers and a given one for the third; class K-1 is absent from rank 1's shards
+    w = torch.as_tensor(d["head_w"]), torch.as_tensor(d["head_b"])
+    r = measure(extract, batches(my_tr, labels, 29), {"test": batches(my_te, labels[:, 1:], 19), "train": batches(my_tr, labels, 41)},
+                accelerator=acc, metrics=tuple(str(m) for m in d["family"]), classifiers={"b2": w}, **kw)
+    results["family"] = {"metrics": r.as_dict(), "probe": r.info["probe"], "samples": r.samples,
+                         "matrices": {k: [m.tolist() for m in v] for k, v in r.matrices.items()},
+                         "classifier": r.info["classifier"]}
     everyone = [None] * world
     dist.all_gather_object(everyone, json.dumps(results, sort_keys=True))
     if rank == 0:

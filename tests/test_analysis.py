@@ -168,7 +168,8 @@ def _points(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _transfer_spec(sources, targets, seed: int = 7) -> SimpleNamespace:
     return SimpleNamespace(name="tr", kind="domain_transfer", experiment="tr", description="",
-                           transfer=SimpleNamespace(sources=list(sources), targets=list(targets)), train=SimpleNamespace(seed=seed))
+                           transfer=SimpleNamespace(sources=list(sources), targets=list(targets)), train=SimpleNamespace(seed=seed),
+                           measure=SimpleNamespace(metrics=["cdnv", "nc1", "nc2", "ncc", "probe"]))  # the default selection
 
 
 def _digits_like() -> dict:

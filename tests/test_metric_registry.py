@@ -3,6 +3,7 @@ equiangle, max_angle, gnc2): independent float64 references written here with pl
 known answers on a simplex ETF, invariances, and measure() logging them per layer from the one pass."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -293,3 +294,201 @@ def test_probe_in_feature_space_is_the_probe_and_feeds_nc3() -> None:
                   metrics=("nc3", "nc4", "probe"), probe="ridge", progress=False)
     assert out.info["classifier"] == ["ridge"] and 0.0 < out.metrics["nc3/train"][0] < 2.0
     assert 0.0 <= out.metrics["nc4/test"][0] <= 1.0
+
+
+# ----------------------------------------------------------------------------- cdnv_matrix (a matrix metric: an artifact)
+def ref_cdnv_matrix(X, y, K):
+    """K x K pairwise CDNV with plain loops over all K classes: NaN on the diagonal and for absent classes."""
+    X, y = ref.f64(X), np.asarray(y)
+    out = np.full((K, K), np.nan)
+    stats = {}
+    for k in range(K):
+        rows = [X[i] for i in range(len(y)) if y[i] == k]
+        if rows:
+            mu = sum(rows) / len(rows)
+            stats[k] = (mu, sum(float((r - mu) @ (r - mu)) for r in rows) / len(rows))
+    for i in stats:
+        for j in stats:
+            if i != j:
+                diff = stats[i][0] - stats[j][0]
+                out[i, j] = (stats[i][1] + stats[j][1]) / (2.0 * float(diff @ diff))
+    return out
+
+
+def _batches(n, y, bs):
+    return [(torch.arange(i, min(i + bs, n)), torch.as_tensor(y[i:i + bs]), torch.arange(i, min(i + bs, n)))
+            for i in range(0, n, bs)]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 1e-5)])
+def test_cdnv_matrix_matches_the_loop_reference_and_averages_to_the_logged_cdnv(dtype, rtol) -> None:
+    rng = np.random.default_rng(11)
+    X, y = data(rng, K=6, D=5, N=240, dtype=dtype)
+    y[y == 4] = 1  # class 4 absent
+    y[:150][y[:150] == 2] = 0  # imbalanced
+    feats = {"a": torch.as_tensor(X), "b": torch.as_tensor(np.abs(X[:, :3]) ** 1.5)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = measure(lambda idx: {k: v[idx] for k, v in feats.items()}, _batches(240, y, 37),
+                      {"test": _batches(240, y, 53)}, num_classes=6, metrics=("cdnv", "cdnv_matrix"), probe=None,
+                      progress=False)
+    assert "cdnv_matrix/train" not in out.metrics and set(out.matrices) == {"cdnv_matrix/train", "cdnv_matrix/test"}
+    for li, name in enumerate(("a", "b")):
+        want = ref_cdnv_matrix(feats[name].numpy(), y, 6)
+        got = out.matrices["cdnv_matrix/train"][li]
+        assert got.shape == (6, 6) and got.dtype == np.float64
+        assert np.array_equal(np.isnan(got), np.isnan(want))  # diagonal and class 4's row and column
+        assert np.isnan(np.diag(got)).all() and np.isnan(got[4]).all() and np.isnan(got[:, 4]).all()
+        np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=rtol, atol=0)
+        off = got[~np.isnan(got)]
+        assert off.size == 5 * 4
+        assert off.mean() == pytest.approx(out.metrics["cdnv/train"][li], rel=1e-12)
+        assert np.nanmean(out.matrices["cdnv_matrix/test"][li]) == pytest.approx(out.metrics["cdnv/test"][li], rel=1e-12)
+
+
+def test_cdnv_matrix_on_collapsed_data_and_coinciding_means() -> None:
+    rng = np.random.default_rng(5)
+    X, y = ref.collapsed_data(rng, K=5, D=9, n_per=(4, 90), offset=1e3, rel_var=1e-8, dtype=np.float64)
+    got = REGISTRY["cdnv_matrix"].compute(geometry(summary(X, y, 5, batch=13)))
+    want = ref_cdnv_matrix(X, y, 5)
+    mask = ~np.isnan(want)
+    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-9, atol=0)
+    X2 = np.array([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [-1.0, 0.0], [5.0, 5.0], [5.0, 6.0]])
+    m = REGISTRY["cdnv_matrix"].compute(geometry(summary(X2, np.array([0, 0, 1, 1, 2, 2]), 3)))
+    assert m[0, 1] == m[1, 0] == math.inf and np.isfinite(m[0, 2]) and np.isnan(m[2, 2])
+
+
+def test_cdnv_matrix_artifact_round_trip_and_tidy_columns(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from pnc.metrics.matrices import matrix_arrays, read_npz, tidy_columns, write_npz
+
+    rng = np.random.default_rng(0)
+    mats = {"cdnv_matrix/train": [rng.random((3, 3)) for _ in range(4)], "cdnv_matrix/test": [rng.random((3, 3)) for _ in range(4)]}
+    curves, matrices = REGISTRY.split({"cdnv/train": [1.0] * 4, **mats})
+    assert list(curves) == ["cdnv/train"] and matrices == mats
+    (name, arrays), = matrix_arrays(matrices, ["l0", "l1", "l2", "fc"]).items()
+    assert name == REGISTRY["cdnv_matrix"].artifact == "cdnv_matrix.npz"
+    back = read_npz(write_npz(tmp_path / name, arrays))
+    assert list(back["split"]) == ["test", "train"] and list(back["module"]) == ["l0", "l1", "l2", "fc"]
+    assert np.array_equal(back["value"][1, 2], mats["cdnv_matrix/train"][2])
+    df = pd.DataFrame(tidy_columns(back, layers=[3], splits=["train"]))
+    assert len(df) == 9 and set(df.module) == {"fc"} and set(df.layer) == {3}
+    row = df[(df.class_i == 2) & (df.class_j == 0)].iloc[0]
+    assert row.value == mats["cdnv_matrix/train"][3][2, 0]
+    with pytest.raises(ValueError, match="not the key of a matrix metric"):
+        matrix_arrays({"cdnv/train": [np.zeros((3, 3))] * 4}, ["l0", "l1", "l2", "fc"])
+    np.savez(tmp_path / "bad.npz", value=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="not a matrix-metric artifact"):
+        read_npz(tmp_path / "bad.npz")
+
+
+# ----------------------------------------------------------------------------- reports: family panels and heatmaps
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture
+def charts(monkeypatch) -> list:
+    """Skip writing HTML/PNG; keep each chart's Vega-Lite dict."""
+    import pnc.figures as figures
+
+    saved: list = []
+    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
+    return saved
+
+
+def finished_run(spec, cell, layers: dict, finals: dict, *, role: str = "cell", tags: dict | None = None,
+                 matrices: dict | None = None, cell_id: str | None = None) -> str:
+    """A FINISHED run tagged as ``pnc run`` tags it, with per-layer curves and (optionally) matrix artifacts."""
+    from pnc import tracking
+    from pnc.engine import cell_tags
+
+    exp_id = tracking.experiment_id(spec.experiment)
+    found = tracking.client().search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'study'")
+    parent = found[0].info.run_id if found else tracking.client().create_run(
+        exp_id, run_name=spec.name, tags={tracking.TAG_STUDY: spec.name, tracking.TAG_ROLE: "study"}).info.run_id
+    run_id = tracking.start_cell_run(exp_id, parent, cell, {**cell_tags(spec, cell), **(tags or {})}, role=role,
+                                     cell_id=cell_id)
+    tracking.log_layer_metrics(run_id, layers)
+    tracking.log_metrics(run_id, finals)
+    if matrices:
+        tracking.log_matrix_artifacts(run_id, matrices, [f"block{i}" for i in range(len(next(iter(layers.values()))))])
+    tracking.end_run(run_id)
+    return run_id
+
+
+def load(path: str, *overrides: str):
+    from pnc.spec import load_spec
+
+    return load_spec(str(ROOT / path), list(overrides))
+
+
+def test_depth_report_draws_the_cdnv_matrix_heatmap_from_the_runs_artifact(store: Path, charts) -> None:
+    import pnc.report as report
+    from pnc.cells import expand
+
+    spec = load("specs/digits_depth.yaml", "models=[resnet8]", "measure.metrics=[cdnv, nc2, probe, cdnv_matrix, gnc2]")
+    (cell,) = expand(spec)
+    rng = np.random.default_rng(0)
+    mats = [rng.random((10, 10)) + 0.1 for _ in range(5)]
+    for m in mats:
+        np.fill_diagonal(m, np.nan)
+    finished_run(spec, cell, {"cdnv/train": [1.0, 0.6, 0.4, 0.2, 0.1], "nc2/train": [0.5] * 5, "probe_acc/test": [0.8] * 5,
+                              "gnc2/train": [-0.4] * 5},
+                 {"val/acc": 0.8, "test/holdout_acc": 0.8, "test/acc": 0.8, "train/final_acc": 1.0},
+                 matrices={"cdnv_matrix/train": mats, "cdnv_matrix/test": mats})
+    page = (report.render_study(spec, store / "reports") / "index.html").read_text()
+    heat = dict(charts)["heatmap_cdnv_matrix"]
+    titles = [h["title"] for row in heat["vconcat"] for h in row["hconcat"]]
+    assert titles == ["resnet8, train: first, layer 0 (block0)", "resnet8, train: middle, layer 2 (block2)",
+                      "resnet8, train: last, layer 4 (block4)"]
+    values = heat["datasets"][heat["vconcat"][0]["hconcat"][2]["data"]["name"]]
+    assert len(values) == 90 and all(v["layer"] == 4 for v in values)  # the diagonal's NaNs left out
+    assert {(v["class_i"], v["class_j"]): v["value"] for v in values}[(3, 7)] == pytest.approx(mats[4][3, 7])
+    assert "pairwise CDNV (cdnv_matrix) at the first, middle and last tapped layer" in page
+    assert "gnc2/train" in json.dumps(dict(charts)["family_geometry"])
+
+
+def test_noise_and_transfer_reports_draw_the_family_panels(store: Path, charts) -> None:
+    from pnc.cells import expand
+    from pnc.kinds import noise, transfer
+
+    spec = load("specs/digits_noise.yaml", "models=[resnet8]", "noise.label=[{kind: symmetric, rates: [0.0, 0.4]}]",
+                "noise.input=[]", "measure.metrics=[cdnv, nc2, probe, equinorm, nc1_tr, nc3, nc4]")
+    for cell in expand(spec):
+        finished_run(spec, cell, {"cdnv/train_noisy": [1.0, 0.5], "equinorm/train_noisy": [0.3, 0.2],
+                                  "equinorm/train_clean": [0.31, 0.21], "nc1_tr/train_clean": [2.0, 1.0],
+                                  "nc3/train_noisy": [0.9, 0.4], "nc4/test_clean": [0.6, 0.9]}, {"test/acc": 0.9})
+    secs = noise.family_sections(spec, store, sel=None, shown={"cdnv/train_noisy"}, levels=["clean", "symmetric:0.4"])
+    assert [t for t, _ in secs] == ["Variability: within-class variability (NC1)", "Geometry: geometry of the class means (NC2)",
+                                    "Duality: classifier / class-mean duality (NC3)",
+                                    "Agreement: classifier / nearest-class-mean agreement (NC4)"]
+    geo = json.dumps(dict(charts)["family_geometry"])
+    assert "equinorm/train_noisy" in geo and "equinorm/train_clean" in geo and "model resnet8" in geo
+    assert "nc4/test_clean" in json.dumps(dict(charts)["family_agreement"])
+
+    charts.clear()
+    tspec = load("specs/digits_transfer.yaml", "models=[resnet8]", "measure.metrics=[cdnv, nc2, probe, max_angle, cdnv_matrix]")
+    mats = [np.where(np.eye(10) > 0, np.nan, 0.5) for _ in range(3)]
+    for cell in expand(tspec):
+        for target in tspec.transfer.targets:
+            finished_run(tspec, transfer.target_cell(cell, target),
+                         {"cdnv/target": [1.0, 0.5, 0.2], "max_angle/target": [0.3, 0.2, 0.1]}, {},
+                         role=transfer.ROLE, tags={"source": cell.source, "target": target}, cell_id=f"{cell.id}:{target}",
+                         matrices={"cdnv_matrix/target": mats})
+    secs = transfer.family_sections(tspec, store, sel=None, shown={"cdnv/target"}, models=["resnet8"])
+    assert [t for t, _ in secs] == ["Geometry: geometry of the class means (NC2)",
+                                    "pairwise CDNV (cdnv_matrix) at the first, middle and last tapped layer"]
+    geo = dict(charts)["family_geometry"]
+    assert [c["hconcat"][0]["title"] for c in geo["vconcat"]] == ["target handwritten"]
+    assert len(geo["vconcat"][0]["hconcat"]) == 3  # a column per target, a line per source
+    assert len(dict(charts)["heatmap_cdnv_matrix"]["vconcat"]) == 9  # a row per (source, target) run
+
+
+def test_the_embedded_depth_study_selects_the_whole_family() -> None:
+    """`make repro`'s depth run logs every metric of the registry for every layer (issue 15)."""
+    assert set(load("specs/digits_depth.yaml").measure.metrics) == set(REGISTRY.selectable())

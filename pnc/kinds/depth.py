@@ -111,10 +111,12 @@ class DepthSweep(StudyKind):
         from .. import tracking
         from ..engine import log_layers
         from ..figures import layer_figure
+        from ..metrics.geometry import REGISTRY
 
         main = study.main
         model, result = self.network(study, cell, data, run_id)
         results, names, accs = self.measure_cell(study, model, data)
+        results, matrices = REGISTRY.split(results)  # matrix metrics (cdnv_matrix): an artifact, not curves
         summary = {"train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
                    **({"train_acc": result.acc, "epochs": result.epochs, "resumed_from": result.resumed_from} if result else {}),
                    **{f"{r}_acc": accs.get(r) for r in data.extra_eval}}
@@ -134,6 +136,7 @@ class DepthSweep(StudyKind):
             tracking.log_metrics(run_id, finals)
             log_layers(run_id, names)
             tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
+            tracking.log_matrix_artifacts(run_id, matrices, names)
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
         return summary
 
@@ -200,24 +203,14 @@ class DepthSweep(StudyKind):
 
     def family_panels(self, spec: Any, folder: Path, selection: Any, shown: set[str], order: list[str]) -> list[tuple[str, str]]:
         """A figure per metric family (variability, geometry, duality, agreement) of the other registry metrics the
-        study measured (``measure.metrics``), training split and test split, one line per model."""
-        import altair as alt
-
-        from ..figures import curves, figure, log_axis, save
+        study measured (``measure.metrics``), training split and test split, one line per model; and a heatmap of
+        each selected matrix metric (``cdnv_matrix``) at the first, middle and last tapped layer of every model."""
+        from ..figures import family_keys, family_panels
         from ..frames import layer_frame
-        from ..metrics.geometry import REGISTRY
-        from ..metrics.registry import FAMILIES
 
-        keys = [f"{m.key}/{split}" for m in REGISTRY if m.name in spec.measure.metrics for split in ("train", "test")]
-        df = layer_frame(spec.experiment, [k for k in keys if k not in shown], runs=selection)
-        sections = []
-        for family, what in FAMILIES.items():
-            names = {m.key for m in REGISTRY if m.family == family}
-            present = [k for k in keys if k not in shown and k.split("/")[0] in names and not df.empty and k in set(df.metric)]
-            if present:
-                save(alt.hconcat(*[curves(df, k, k, log_axis(k), "model", order) for k in present]), folder, f"family_{family}")
-                sections.append((f"{family.capitalize()}: {what}", figure(f"family_{family}")))
-        return sections
+        keys = [k for k in family_keys(spec.measure.metrics, ["train", "test"]) if k not in shown]
+        df = layer_frame(spec.experiment, keys, runs=selection)
+        return family_panels(df, keys, folder, color="model", order=order) + matrix_sections(spec, folder, selection, order)
 
     def depth_family(self, models: list[str]) -> bool:
         """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
@@ -270,3 +263,28 @@ class DepthSweep(StudyKind):
 
 
 KIND = DepthSweep()
+
+
+def matrix_sections(spec: Any, folder: Path, selection: Any, order: list[str], rows: str = "model",
+                    role: str = "cell", split: str = "train") -> list[tuple[str, str]]:
+    """Heatmaps of the matrix metrics the spec selects (``cdnv_matrix``) on ``split``, from each run's artifact, at the
+    first, middle and last tapped layer; a row per ``rows`` value. With more classes than a figure can show
+    (``HEATMAP_MAX_CLASSES``), a note pointing at the artifacts instead."""
+    import html
+
+    from ..figures import HEATMAP_MAX_CLASSES, matrix_heatmaps
+    from ..frames import matrix_frame
+    from ..metrics.geometry import REGISTRY
+
+    sections = []
+    for m in REGISTRY:
+        if m.kind != "matrix" or m.name not in spec.measure.metrics:
+            continue
+        if spec.dataset.info.num_classes > HEATMAP_MAX_CLASSES:
+            sections.append((f"{m.label} ({m.name})", f"<p>{spec.dataset.info.num_classes} classes: too many to draw "
+                             f"(at most {HEATMAP_MAX_CLASSES}); each run's artifact <code>{html.escape(m.artifact)}</code> "
+                             "holds the matrices of every layer (docs/metrics.md).</p>"))
+            continue
+        frame = matrix_frame(spec.experiment, m.artifact, [split], role=role, runs=selection, max_classes=HEATMAP_MAX_CLASSES)
+        sections += matrix_heatmaps(frame, folder, m.name, rows=rows, row_order=order)
+    return sections

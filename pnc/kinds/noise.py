@@ -442,7 +442,7 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
     import pandas as pd
 
     from ..figures import figure, no_runs, save, table
-    from ..frames import layer_frame, run_frame
+    from ..frames import layer_frame, noise_key, run_frame
 
     keys = [k for k, _, _ in KEYS] + ["cdnv/train_clean"]
     df = layer_frame(spec.experiment, keys, runs=sel)
@@ -454,6 +454,7 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
         stem = f"noise_{nk}"
         save(noise_chart(sub, f"{spec.name}: {nk}"), folder, stem)
         sections.append((f"{nk}: collapse on noisy data, memorization ratio, probe accuracy", figure(stem)))
+    sections += family_sections(spec, folder, sel, shown=set(keys), levels=sorted(df.noise.unique(), key=noise_key))
     runs = run_frame(spec.experiment, runs=sel)
     cols = [c for c in ["pnc.model", "pnc.noise", "epochs", "overrides", "noise/realized_rate", "train/final_acc",
                         "train/clean_input_acc", "test/acc", "pnc.memorization_layers"] if c in runs]
@@ -475,6 +476,26 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
                           "The error is leave-one-level-out, in the same units.</p>" + table(t)))
     return sections
 
+
+
+def family_sections(spec: Any, folder: Path, sel: Any, shown: set[str], levels: list[str]) -> list[tuple[str, str]]:
+    """The depth report's family panels (variability, geometry, duality, agreement) for the registry metrics the spec
+    selects beyond the noise figure's, on the noisy and clean training labels and the test split (the test split's
+NCC/NC4 per training label vector where there are two): a row per metric,
+    a column per model, a line per noise setting; and the heatmaps of a selected matrix metric (``cdnv_matrix``) on
+    the noisy training labels, a row per cell."""
+    from ..figures import family_keys, family_panels
+    from ..frames import layer_frame
+    from .depth import matrix_sections
+
+    # label noise: two label vectors, so NCC/NC4 on the test split per training label vector (test_noisy, test_clean)
+    splits = ["train_noisy", "train_clean", "test", "test_noisy", "test_clean"]
+    keys = [k for k in family_keys(spec.measure.metrics, splits) if k not in shown]
+    df = layer_frame(spec.experiment, keys, runs=sel)
+    models = model_order(df.model.unique()) if not df.empty else []
+    order = df.sort_values(["depth", "model"], kind="stable").drop_duplicates("cell").cell.tolist() if not df.empty else None
+    return (family_panels(df, keys, folder, color="noise", order=levels, facet="model", facet_order=models)
+            + matrix_sections(spec, folder, sel, order, rows="cell", split="train_noisy"))
 
 
 def _sig(x: Any, digits: int = 3) -> Any:

@@ -229,6 +229,7 @@ class DomainTransfer(StudyKind):
         from .. import tracking
         from ..engine import cell_params, data_digest, log_layers, log_params_once
         from ..figures import layer_figure
+        from ..metrics.geometry import REGISTRY
 
         spec, main = study.spec, study.main
         tdigest = data_digest(tdat.inputs)
@@ -258,7 +259,9 @@ class DomainTransfer(StudyKind):
             res = self.measure_target(study, net, tdat)
             if not main:
                 return {}
+            res["layers"], matrices = REGISTRY.split(res["layers"])  # matrix metrics (cdnv_matrix): an artifact
             tracking.log_layer_metrics(att.run_id, res["layers"])
+            tracking.log_matrix_artifacts(att.run_id, matrices, res["names"])
             probe = res["layers"]["probe_acc/target_test"]
             finals = {"final/probe_acc_target_test": probe[-1], "best/probe_acc_target_test": max(probe),
                       "test/source_head_acc": res["head_acc"], "layers/count": len(res["names"])}
@@ -379,6 +382,8 @@ def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = No
     save(alt.vconcat(*rows).properties(title=f"{spec.name}: target collapse and probe accuracy by source"), folder, "transfer")
     sections = [("Per-layer collapse and probe accuracy on each target (Figure 3 layout)", figure("transfer"))]
 
+    sections += family_sections(spec, folder, sel, shown={k for k, _, _ in KEYS}, models=models)
+
     probe = df[df.metric == "probe_acc/target_test"]
     final = probe.sort_values("layer").groupby(["model", "source", "target"]).agg(final=("value", "last"), best=("value", "max")).reset_index()
     heat_rows = []
@@ -440,6 +445,27 @@ def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = No
                      figure("correlation") + text + table(long)))
     (folder / "correlation.csv").write_text(long.to_csv(index=False))
     return sections
+
+
+def family_sections(spec: Any, folder: Path, sel: Any, shown: set[str], models: list[str]) -> list[tuple[str, str]]:
+    """The depth report's family panels (variability, geometry, duality, agreement) for the registry metrics the spec
+    selects beyond Figure 3's, on each target's training split: a row per metric, a column per target, a line per
+    source (and model, when there are several); and the heatmaps of a selected matrix metric (``cdnv_matrix``) on the
+    target training split, a row per target run."""
+    from ..figures import family_keys, family_panels
+    from ..frames import layer_frame
+    from .depth import matrix_sections
+
+    keys = [k for k in family_keys(spec.measure.metrics, ["target"]) if k not in shown]
+    df = layer_frame(spec.experiment, keys, role=ROLE, runs=sel)
+    cells = df.sort_values(["target", "depth", "source"], kind="stable").drop_duplicates("cell").cell.tolist() if not df.empty else None
+    sources = list(spec.transfer.sources)
+    order = sources
+    if len(models) > 1 and not df.empty:
+        df["source"] = df.source + " / " + df.model
+        order = [f"{s} / {m}" for m in models for s in sources]
+    return (family_panels(df, keys, folder, color="source", order=order, facet="target", facet_order=list(spec.transfer.targets))
+            + matrix_sections(spec, folder, sel, cells, rows="cell", role=ROLE, split="target"))
 
 
 KIND = DomainTransfer()

@@ -38,6 +38,9 @@ Output keys of ``Measurements.metrics`` (one float per layer, step = layer index
 * ``mem_ratio/train`` = cdnv/train_clean / cdnv/train_noisy when label_names holds "noisy" and
   "clean"; ``Measurements.memorization_layers`` = indices with ratio > 1.
 
+Matrix metrics (``cdnv_matrix``) are in ``Measurements.matrices`` under the same key scheme, one K x K array
+per layer; :mod:`pnc.metrics.matrices` writes and reads their run artifact (``cdnv_matrix.npz``).
+
 Convenience
 -----------
 ``collapse_metrics(features, labels, num_classes) -> {"cdnv", "nc1", "nc2"}`` and
@@ -60,6 +63,7 @@ _WHERE = {
                  "memorization_layers", "memorization_ratio", "nc1", "nc2"),
     "comm": ("Comm",),
     "geometry": ("Geometry", "REGISTRY", "pair_sq_distances"),
+    "matrices": ("matrix_arrays", "read_npz", "tidy_columns", "write_npz"),
     "measurement": ("METRICS", "Measurements", "class_summary", "collapse_metrics", "measure", "ncc_accuracy"),
     "options": ("DEFAULTS", "MeasureOptions", "LOGISTIC_CS", "RIDGE_ALPHAS"),
     "probes": ("CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments",

@@ -156,9 +156,15 @@ def cdnv(g: Geometry) -> float:
     return float(np.mean((g.var[i] + g.var[j]) / den))
 
 
+@register("cdnv_matrix", family="variability", label="pairwise CDNV", log_axis=True, kind="matrix",
+          definition="K × K matrix, entry (k, k') = (var_k + var_k') / (2‖mu_k − mu_k'‖²) over all K classes; "
+                     "NaN on the diagonal and in the rows and columns of absent classes, inf for coinciding means; "
+                     "the mean of its off-diagonal finite entries is `cdnv`",
+          source="paper eq. 7 before averaging; Galanti et al. 2021")
 def cdnv_matrix(g: Geometry) -> np.ndarray:
     """The K x K matrix of pairwise CDNV values over all K classes (NaN on the diagonal and for absent classes,
-    inf for coinciding means): paper eq. 7 before averaging."""
+    inf for coinciding means): paper eq. 7 before averaging. A matrix metric: saved as an artifact per run
+    (``cdnv_matrix.npz``, see ``docs/metrics.md``), not logged as a per-layer scalar."""
     out = np.full((g.num_classes, g.num_classes), math.nan)
     if g.k == 0:
         return out

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pnc.metrics.collapse import MetricWarning, NearestClassMean, geometry, memorization_layers, memorization_ratio
 from pnc.metrics.comm import Comm
-from pnc.metrics.geometry import REGISTRY
+from pnc.metrics.geometry import REGISTRY, Geometry
 from pnc.metrics.options import DEFAULTS, PROBES
 from pnc.metrics.probes import (
     CountSketch,
@@ -48,6 +48,8 @@ class Measurements:
         info: ``probe`` (per layer: kind, chosen ``reg``, ``grid``, ``val_scores``, ``val_metric``,
             ``n_fit``, ``n_val``, ``sketched_to``), ``nc1_skipped_layers``, ``label_names``,
             ``probe_labels``, ``state_bytes`` (bytes of accumulator state per split).
+        matrices: the selected matrix metrics (``cdnv_matrix``), ``{"<metric>/<split>[_<label>]": [K x K float64
+            array per layer]}``, keyed like ``metrics``; not in ``metrics`` or :meth:`as_dict`.
     """
 
     layers: list[str]
@@ -56,6 +58,7 @@ class Measurements:
     memorization_layers: list[int] | None
     samples: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
+    matrices: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> list[float]:
         return self.metrics[key]
@@ -237,12 +240,17 @@ def _resolve_probe_col(probe_labels: str | int | None, names: tuple[str, ...]) -
     return col
 
 
-def _collapse_values(s: ClassSummary, cfg: _Config, nc1_ok: bool) -> dict[str, float]:
-    """{logged key prefix: value} of every selected metric from class statistics (the registry's); those that
-    need the scatter are NaN on layers wider than ``nc1_dim_cap`` (warned once per measurement)."""
-    g = geometry(s)
+def _collapse_values(g: Geometry, cfg: _Config, nc1_ok: bool) -> dict[str, float]:
+    """{logged key prefix: value} of every selected scalar metric from class statistics (the registry's); those
+    that need the scatter are NaN on layers wider than ``nc1_dim_cap`` (warned once per measurement)."""
     return {m.key: m.compute(g) if nc1_ok or "scatter" not in m.needs else math.nan
-            for m in REGISTRY.from_class_stats() if m.name in cfg.metrics and "classifier" not in m.needs}
+            for m in REGISTRY.from_class_stats()
+            if m.name in cfg.metrics and "classifier" not in m.needs and m.kind == "scalar"}
+
+
+def _matrix_values(g: Geometry, cfg: _Config) -> dict[str, np.ndarray]:
+    """{key prefix: K x K array} of every selected matrix metric (``cdnv_matrix``), from the same statistics."""
+    return {m.key: m.compute(g) for m in REGISTRY.from_class_stats() if m.name in cfg.metrics and m.kind == "matrix"}
 
 
 def _classifier_values(s: ClassSummary, cfg: _Config, clf: tuple[Tensor, Tensor] | None) -> dict[str, float]:
@@ -415,6 +423,7 @@ def measure(
     # ---------------------------------------------------------------- metrics from training statistics
     L = cfg.num_labelings
     out: dict[str, list[float]] = {}
+    matrices: dict[str, list[np.ndarray]] = {}
     nclayers = [lay.name for lay in layers if cfg.want_nc1 and not lay.nc1_ok]
     if nclayers:
         warnings.warn(
@@ -426,8 +435,11 @@ def measure(
         train_summaries = [[lay.summary(l) for l in range(L)] for lay in layers]
         for l in range(L):
             for i, lay in enumerate(layers):
-                for k, v in _collapse_values(train_summaries[i][l], cfg, lay.nc1_ok).items():
+                g = geometry(train_summaries[i][l])
+                for k, v in _collapse_values(g, cfg, lay.nc1_ok).items():
                     out.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(v)
+                for k, mat in _matrix_values(g, cfg).items():
+                    matrices.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(mat)
     mem_layers = None
     if "cdnv" in cfg.metrics and "noisy" in names and "clean" in names:
         ratio = memorization_ratio(out[f"cdnv/{TRAIN}_clean"], out[f"cdnv/{TRAIN}_noisy"])
@@ -483,6 +495,7 @@ def measure(
         ev = _eval_pass(extract, batches, split, cfg, layers, layer_names, probes, nccs, comm, show, clfs)
         samples[split] = ev.pop("__n__")  # type: ignore[assignment]
         state_bytes[split] = ev.pop("__bytes__")  # type: ignore[assignment]
+        matrices.update(ev.pop("__matrices__"))  # type: ignore[arg-type]
         for k, v in ev.items():
             out[k] = v  # type: ignore[assignment]
 
@@ -490,7 +503,7 @@ def measure(
             "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes}
     return Measurements(
         layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
-        memorization_layers=mem_layers, samples=samples, info=info,
+        memorization_layers=mem_layers, samples=samples, info=info, matrices=matrices,
     )
 
 
@@ -569,7 +582,7 @@ def _eval_pass(
     if state is None:
         state = _make_eval_state(layers, cols, collapse, cfg, comm.device)
     n = int(comm.sum(n_local.to(comm.device)).item())
-    out: dict[str, Any] = {"__n__": n, "__bytes__": sum(st.nbytes for st in state)}
+    out: dict[str, Any] = {"__n__": n, "__bytes__": sum(st.nbytes for st in state), "__matrices__": {}}
     if n == 0:
         raise ValueError(f"eval split {split!r} has no samples after masking")
     esuffix = (lambda l: "") if cols == 1 or L == 1 else cfg.suffix
@@ -581,8 +594,11 @@ def _eval_pass(
     for lay, st in zip(layers, state):
         if st.coll is not None:
             for l in range(st.coll.num_labelings):
-                for k, v in _collapse_values(st.coll.summary(l), cfg, lay.nc1_ok).items():
+                g = geometry(st.coll.summary(l))
+                for k, v in _collapse_values(g, cfg, lay.nc1_ok).items():
                     out.setdefault(f"{k}/{split}{esuffix(l)}", []).append(v)
+                for k, mat in _matrix_values(g, cfg).items():
+                    out["__matrices__"].setdefault(f"{k}/{split}{esuffix(l)}", []).append(mat)
         if nccs and "ncc" in cfg.metrics:
             correct = comm.sum(st.ncc_correct)
             for l in range(L):

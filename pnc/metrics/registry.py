@@ -79,6 +79,11 @@ class Metric:
     def from_class_stats(self) -> bool:
         return self.compute is not None
 
+    @property
+    def artifact(self) -> str:
+        """The run artifact that holds a matrix metric's values (``docs/metrics.md``); "" for a scalar one."""
+        return f"{self.name}.npz" if self.kind == "matrix" else ""
+
 
 class Registry:
     """Metrics by name, in declaration order."""
@@ -122,6 +127,14 @@ class Registry:
     def from_class_stats(self) -> tuple[Metric, ...]:
         return tuple(m for m in self if m.compute is not None)
 
+    def split(self, results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(scalar curves, matrix metrics) of per-layer results ``{"<key>/<split>": [value per layer]}``: the keys of
+        matrix metrics (e.g. ``cdnv_matrix/train``, one K x K array per layer) go to an artifact, not to the logged
+        curves."""
+        matrix = {m.key for m in self if m.kind == "matrix"}
+        curves = {k: v for k, v in results.items() if k.split("/", 1)[0] not in matrix}
+        return curves, {k: v for k, v in results.items() if k not in curves}
+
     def by_family(self) -> dict[str, list[Metric]]:
         out: dict[str, list[Metric]] = {f: [] for f in FAMILIES}
         for m in self:
@@ -140,7 +153,8 @@ class Registry:
         for m in self:
             name = f"`{m.name}`" if m.selectable else f"`{m.name}` (derived)"
             definition = m.definition.replace("|", "\\|")
-            rows.append(f"| {name} | `{m.key}/<split>` | {m.family} | {definition} | {m.better} | "
+            logged = f"artifact `{m.artifact}`" if m.kind == "matrix" else f"`{m.key}/<split>`"
+            rows.append(f"| {name} | {logged} | {m.family} | {definition} | {m.better} | "
                         f"{'log' if m.log_axis else 'linear'} | {', '.join(sorted(m.needs))} | {m.source} |")
         return "\n".join(rows)
 
