@@ -10,6 +10,7 @@ from dataclasses import dataclass
 RIDGE_ALPHAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 4))
 LOGISTIC_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 PROBES: tuple[str, ...] = ("ridge", "logistic")
+SCATTER_PRODUCTS: tuple[str, ...] = ("float64", "float32")
 
 
 @dataclass(frozen=True)
