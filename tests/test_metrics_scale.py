@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metrics_reference as ref
-from pnc.metrics import ClassStats, nc1
+from pnc.metrics import ClassStats, measure, nc1
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 
@@ -126,3 +126,59 @@ def test_float32_products_of_uncentred_rows_would_break_the_bound():
         m = ref.f64(Z).mean(0)
         raw += (Z.T @ Z).astype(np.float64) - len(Z) * np.outer(m, m)
     assert np.max(np.abs(raw - sw)) > gamma(66) * np.trace(sw)
+
+
+# ----------------------------------------------------------------------------- one-pass NCC (kept features)
+def _world(seed=21, N=600, K=4, dims=(5, 12)):
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, K, N)
+    noisy = np.where(rng.random(N) < 0.3, rng.integers(0, K, N), clean)
+    feats = {f"layer{i}": (rng.standard_normal((K, d))[clean] * 0.7 + rng.standard_normal((N, d)) + 3.0).astype(np.float32)
+             for i, d in enumerate(dims)}
+    return feats, np.stack([noisy, clean], 1), rng.permutation(N)
+
+
+def _loader(idx, labels, bs, consumed=None, pad=False):
+    for i in range(0, len(idx), bs):
+        if consumed is not None:
+            consumed.append(i)
+        j = torch.as_tensor(idx[i:i + bs])
+        y = torch.as_tensor(labels[j.numpy()])
+        if pad and len(j) < bs:  # padded rows (mask False) carry a wrong label: they must be ignored
+            extra = bs - len(j)
+            mask = torch.cat([torch.ones(len(j), dtype=torch.bool), torch.zeros(extra, dtype=torch.bool)])
+            j, y = torch.cat([j, j[:1].repeat(extra)]), torch.cat([y, (y[:1] + 1).remainder(4).repeat(extra, 1)])
+            yield j, y, j, mask
+        else:
+            yield j, y, j
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_ncc_train_from_kept_features_equals_the_second_pass(pad):
+    """ncc_acc/train (and probe_acc/train) scored from the kept training features are exactly the two-pass
+    values and the independent reference; the "train" eval loader is not touched when the features fit."""
+    feats, labels, perm = _world()
+    tr, te = perm[:420], perm[420:]
+    ext = {k: torch.as_tensor(v) for k, v in feats.items()}
+
+    def extract(x):
+        return {k: v[x] for k, v in ext.items()}
+
+    def run(budget, consumed):
+        return measure(extract, _loader(tr, labels, 64, pad=pad),
+                       {"train": _loader(tr, labels, 64, consumed, pad=pad), "test": _loader(te, labels, 50, pad=pad)},
+                       num_classes=4, label_names=("noisy", "clean"), progress=False, keep_features_bytes=budget)
+
+    touched_kept, touched_two = [], []
+    one = run(1 << 30, touched_kept)
+    two = run(0, touched_two)
+    small = run(1000, [])  # below one batch: falls back to the second pass
+    assert one.info["train_eval"] == "kept features" and not touched_kept
+    assert one.info["kept_feature_bytes"] == 420 * (5 + 12) * 4 + 420 * 2 * 8
+    assert two.info["train_eval"] == small.info["train_eval"] == "second pass" and touched_two
+    for key in ("ncc_acc/train_noisy", "ncc_acc/train_clean", "probe_acc/train", "ncc_acc/test_noisy"):
+        assert one[key] == two[key] == small[key], key
+    for i, name in enumerate(feats):
+        for col, sfx in ((0, "noisy"), (1, "clean")):
+            expect = ref.ncc_accuracy(feats[name][tr], labels[tr, col], 4, feats[name][tr], labels[tr, col])
+            assert one[f"ncc_acc/train_{sfx}"][i] == pytest.approx(expect, abs=1e-12)
