@@ -14,8 +14,8 @@ Numerical method (why the results are exact to float64 rounding, never negative)
   batch order or process count beyond float64 rounding.
 * The within-class scatter is streamed shifted: per batch one product of the B rows h_i - s_{y_i}
   (s_k a per-class shift, the first batch mean of class k), then ``S_W = S_s - sum_k n_k (mu_k - s_k)
-  (mu_k - s_k)^T`` restores the centred scatter and resets s_k = mu_k, every time the row count has
-  doubled and before any result or merge. The rows are within-class deviations (small, centred
+  (mu_k - s_k)^T`` restores the centred scatter and resets s_k = mu_k, at 8192 rows and every time the
+  row count has doubled after, and before any result or merge. The rows are within-class deviations (small, centred
   numbers); the K-class correction costs one K x D product per doubling instead of up to K extra
   rows per batch. The products are float64, or float32 (``products="float32"``) with the error bound
   of ``docs/metrics.md``.
@@ -39,6 +39,8 @@ F64 = torch.float64
 
 # Above this many (part, class) groups, a batch's statistics are computed for the groups present in it only.
 _SPARSE_GROUPS = 64
+# The first in-stream settle of the scatter once this many rows have been added, then at every doubling.
+_FIRST_SETTLE_ROWS = 8192
 # The scatter's products are taken in column blocks of this width, only on and above the diagonal.
 _GRAM_BLOCK = 256
 # On CUDA, parts are separated by zeroing rows (no sync); set True to use that path on the CPU too (tests).
@@ -159,7 +161,7 @@ class ClassStats:
     The scatter is streamed *shifted*: per batch only the B rows h_i - s_{y_i} enter one product
     (s_k: a per-class shift, the batch mean of class k in the batch that first holds it), and
     ``S_W = S_s - sum_k n_k (mu_k - s_k)(mu_k - s_k)^T`` is restored ("settled": one K x D product, then
-    s_k = mu_k) whenever the row count has doubled and before any result or merge. Only the blocks on and
+    s_k = mu_k) when the row count reaches 8192 and at every doubling after, and before any result or merge. Only the blocks on and
     above the diagonal are accumulated (the scatter is symmetric); the others are filled when settled.
     """
 
@@ -199,7 +201,7 @@ class ClassStats:
         # T of the float32 error bound: sum of the squared norms of every row that entered the products
         self.fed_sq: Tensor | None = torch.zeros(S, P, dtype=F64, device=dev) if S else None
         self._rows = 0  # rows added since construction (host-side: no device sync)
-        self._settle_at = 0  # settle when _rows reaches this (0: after the first batch)
+        self._settle_at = _FIRST_SETTLE_ROWS  # settle when _rows reaches this, then at every doubling
         self._settled = True  # scatter centred on the class means and symmetric
 
     # ------------------------------------------------------------------ streaming
@@ -318,7 +320,7 @@ class ClassStats:
         self._rows += int(x.shape[0])
         if self.scatter is not None and self._rows >= self._settle_at:
             self.settle()
-            self._settle_at = 2 * self._rows
+            self._settle_at = max(2 * self._rows, _FIRST_SETTLE_ROWS)
 
     def _gram_add(self, s: Tensor, a: Tensor) -> None:
         """s[i-block, j-block] += a[:, i]^T a[:, j] for the column blocks i <= j (the upper block triangle)."""
