@@ -386,6 +386,9 @@ def main(argv=None) -> int:
         a.samples, a.models, a.wide_samples = 1000, "resnet20", 320
     if a.threads:
         torch.set_num_threads(a.threads)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(a.threads)  # numpy's BLAS too (the metric functions, the naive baselines)
     print(f"pnc metric bench: {a.samples} samples (train {int(0.8 * a.samples)}, test {a.samples - int(0.8 * a.samples)}),"
           f" {K} classes, batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     models = [] if a.models == "none" else [name.strip() for name in a.models.split(",")]

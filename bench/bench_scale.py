@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(a.threads)  # numpy's BLAS too (the metric functions, the naive baselines)
     if a.quick:
         grid = {"N": [2_000, 8_000], "K": [10, 100], "D": [64, 256], "L": [1, 2]}
         base = {"N": 2_000, "K": 10, "D": 64, "L": 1}
@@ -228,8 +231,8 @@ def main(argv=None) -> int:
         state = sum(c * per_state[d] for d, c in RESNET152.items())
         print(f"  => engine cost of one ResNet-152 ImageNet training pass on {device}: stream {stream / 60:.1f} min "
               f"({1e3 * stream / batches:.0f} ms per batch of {B}), final {final:.0f}s, state {fmt_bytes(state)} "
-              "(without a probe; the ridge probe adds a second, two-part scatter on its label vector: about "
-              "2x the D^2 state and the same stream cost again, unless it shares the NC1 scatter)")
+              "(without a probe; the ridge probe keeps its label vector's scatter in two parts, which NC1 "
+              "shares: 2x the D^2 state, about the same stream cost, plus ten D x D Cholesky solves per layer)")
     return 0
 
 

@@ -220,7 +220,7 @@ class _KeptFeatures:
         if self.nbytes > self.budget:
             self.fits, self.kept = False, []
             return
-        self.kept.append(_Batch(feats, b.y, None))
+        self.kept.append(_Batch(feats, b.y.clone(), None))
 
     def __iter__(self) -> Iterator[_Batch]:
         return iter(self.kept)
