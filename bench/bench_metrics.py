@@ -223,7 +223,7 @@ def bench_wide(name: str, n: int, seed: int) -> dict:
             continue
         t_ext = [0.0]
 
-        def extract(xb):
+        def extract(xb, t_ext=t_ext):
             t = time.perf_counter()
             f = fe(xb)[1]
             t_ext[0] += time.perf_counter() - t
