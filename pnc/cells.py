@@ -88,7 +88,7 @@ def base_config(spec: Any, model: ModelSpec) -> dict:
         "dataset": {k: v for k, v in d["dataset"].items() if not (k == "splits" and v is None)},  # ids kept from before splits
         "model": model.config() | ({"factory_digest": file_digest(factory_file(model.factory))} if model.factory else {}),
         "train": d["train"],
-        "measure": d["measure"],
+        "measure": {k: v for k, v in d["measure"].items() if k != "keep_features_bytes"},  # a memory budget: same numbers
         "probe": d["probe"],
         "measurement": catalog.MEASUREMENT_VERSION,
     }

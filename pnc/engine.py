@@ -216,17 +216,19 @@ def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None
 
 
 def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_classes: int, label_names,
-                  progress: bool, ncc_train: bool = False, metrics: tuple[str, ...] | None = None
-                  ) -> tuple[dict[str, list], list[str], dict[str, float]]:
+                  progress: bool, ncc_train: bool = False, metrics: tuple[str, ...] | None = None,
+                  info: dict[str, Any] | None = None) -> tuple[dict[str, list], list[str], dict[str, float]]:
     """Tap every selected layer of ``model`` and measure the given datasets, one pass each.
 
     ``splits`` maps a role to an ImageDataset: "train" (the reference split: class statistics,
-    class means for NCC, probe training data) and optional "test" and further test sets. ``ncc_train`` adds
-    a second pass over the training split for ``ncc_acc/train`` (the nearest-class-mean classifier needs the
-    finished class means). ``metrics``: what to measure (default ``spec.measure.metrics``). Returns per-layer results, layer
-    names and the network's own accuracy on each split (against label column 0). The results hold the per-layer curves
-    and, when selected, the matrix metrics (``cdnv_matrix/<split>``: a K x K array per layer), which
-    :meth:`pnc.metrics.registry.Registry.split` separates (curves are logged, matrices saved as an artifact).
+    class means for NCC, probe training data) and optional "test" and further test sets. ``ncc_train`` scores
+    ``ncc_acc/train`` (the nearest-class-mean classifier needs the finished class means): from the training features
+    kept in the first pass when they fit ``spec.measure.keep_features_bytes``, else in a second pass over the training
+    split; ``info`` (if given) gets ``ncc_train``: "kept features" or "second pass". ``metrics``: what to measure
+    (default ``spec.measure.metrics``). Returns per-layer results, layer names and the network's own accuracy on each
+    split (against label column 0). The results hold the per-layer curves and, when selected, the matrix metrics
+    (``cdnv_matrix/<split>``: a K x K array per layer), which :meth:`pnc.metrics.registry.Registry.split` separates
+    (curves are logged, matrices saved as an artifact).
     """
     import torch
 
@@ -288,6 +290,8 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
             metrics=tuple(m for m in wanted if m != "probe" or want_probe),
             probe=spec.probe.kind if want_probe else None,
             nc1_dim_cap=spec.measure.nc1_dim_cap,
+            scatter_products=spec.measure.scatter_products,
+            keep_features_bytes=spec.measure.keep_features_bytes,
             val_fraction=spec.probe.val_fraction,
             logistic_max_samples=spec.probe.max_samples,
             seed=spec.train.seed,
@@ -298,6 +302,8 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
     finally:
         extractor.close()
     names = LayerNames(result.layers, extractor.merged)
+    if info is not None and result.info.get("train_eval"):
+        info["ncc_train"] = result.info["train_eval"]
     accs = {}
     for s, t in acc_counts.items():
         if world > 1:

@@ -34,7 +34,7 @@ from pydantic import (
 from . import catalog
 from .errors import DataError, PncError, Problem, SpecError, did_you_mean
 from .metrics.geometry import REGISTRY
-from .metrics.options import DEFAULTS, PROBES
+from .metrics.options import DEFAULTS, PROBES, SCATTER_PRODUCTS
 from .registry import KINDS
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "study.schema.json"
@@ -293,6 +293,13 @@ class MeasureSpec(SpecBlock):
     metrics: list[Literal[REGISTRY.selectable()]] = Field(  # the metric registry's choices (docs/metrics.md)
         default_factory=lambda: list(REGISTRY.defaults()), min_length=1)
     nc1_dim_cap: int = Field(DEFAULTS.nc1_dim_cap, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
+    scatter_products: Literal[SCATTER_PRODUCTS] = Field(
+        DEFAULTS.scatter_products, description="Precision of the D x D scatter's per-batch products: float64 (exact to "
+                                               "float64 rounding) or float32 (faster; error bound in docs/metrics.md).")
+    keep_features_bytes: int = Field(
+        DEFAULTS.keep_features_bytes, ge=0, description="Budget (bytes per process) for keeping the training split's "
+                                                        "pooled features from the first pass, so ncc_acc/train needs no "
+                                                        "second pass; 0: always a second pass.")
     batch_size: int = Field(256, ge=1, le=1_000_000)
 
     @field_validator("layers")

@@ -36,6 +36,7 @@ TAG_OWNER = "pnc.owner"  # host:pid:token of the process that holds a cell's run
 TAG_HEARTBEAT = "pnc.heartbeat"  # unix seconds, refreshed by the owner while it holds the run
 TAG_MODEL_URI = "pnc.model_uri"  # the logged model a run measured (transfer targets, measure studies)
 TAG_MODEL_RUN = "pnc.model_run"  # the run that trained it: lineage walks on from there
+TAG_NCC_TRAIN = "pnc.ncc_train"  # how ncc_acc/train was scored: "kept features" (one pass) or "second pass"
 TAG_NOTE = "mlflow.note.content"  # MLflow's description of an experiment or a run (markdown; shown by the UI)
 # MLflow's experiment kind: the UI opens such an experiment in its "Model training" view (not the GenAI one)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}

@@ -54,6 +54,7 @@ def test_depth_sweep_smoke(project: Path) -> None:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.data.tags["pnc.study"] == "digits_depth" and child.data.tags["pnc.spec_digest"]
         assert child.data.params["train.epochs"] == "1" and child.data.params["dataset.name"] == "digits"
+        assert child.data.tags["pnc.ncc_train"] == "kept features"  # ncc_acc/train without a second pass
         n = expected_layers[child.data.tags["pnc.model"]]
         for key in ("cdnv/train", "nc2/train", "probe_acc/test", "nc1/train", "ncc_acc/train", "ncc_acc/test"):
             hist = c.get_metric_history(child.info.run_id, key)

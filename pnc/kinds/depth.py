@@ -115,7 +115,8 @@ class DepthSweep(StudyKind):
 
         main = study.main
         model, result = self.network(study, cell, data, run_id)
-        results, names, accs = self.measure_cell(study, model, data)
+        how: dict[str, Any] = {}
+        results, names, accs = self.measure_cell(study, model, data, info=how)
         results, matrices = REGISTRY.split(results)  # matrix metrics (cdnv_matrix): an artifact, not curves
         summary = {"train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
                    **({"train_acc": result.acc, "epochs": result.epochs, "resumed_from": result.resumed_from} if result else {}),
@@ -126,6 +127,8 @@ class DepthSweep(StudyKind):
             summary["best_probe_acc"] = max(results[probe_key])
         if main:
             tracking.log_layer_metrics(run_id, results)
+            if how.get("ncc_train"):
+                tracking.log_tags(run_id, {tracking.TAG_NCC_TRAIN: how["ncc_train"]})
             finals = {"train/final_acc": accs.get("train"), "test/acc": accs.get("test"), "val/acc": accs.get("test_val"),
                       "test/holdout_acc": accs.get("test_holdout"), "layers/count": len(names),
                       **({"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss} if result else {})}
@@ -149,14 +152,15 @@ class DepthSweep(StudyKind):
                 "test": ImageDataset(data.test, image_size=size, channels=ch),
                 **{role: ImageDataset(split, image_size=size, channels=ch) for role, split in data.extra_eval.items()}}
 
-    def measure_cell(self, study: Any, model: Any, data: Any) -> tuple[dict, list[str], dict]:
-        """(per-layer results, layer names, accuracies) of a trained cell network."""
+    def measure_cell(self, study: Any, model: Any, data: Any, info: dict | None = None) -> tuple[dict, list[str], dict]:
+        """(per-layer results, layer names, accuracies) of a trained cell network; ``info`` gets how ncc_acc/train
+        was scored (``measure_model``)."""
         from ..engine import measure_model
 
         spec = study.spec
         return measure_model(model, spec, self.datasets(spec, data), accelerator=study.accelerator,
                              num_classes=spec.dataset.info.num_classes, label_names=("train",), progress=study.progress,
-                             ncc_train=self.ncc_train)
+                             ncc_train=self.ncc_train, info=info)
 
     def log_cell_extras(self, study: Any, run_id: str, results: dict, names: list[str], accs: dict, data: Any) -> dict:
         """What a kind logs beyond the per-layer curves and final accuracies; returns summary additions."""

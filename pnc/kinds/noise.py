@@ -264,7 +264,7 @@ class NoiseSweep(DepthSweep):
         return materialise_derived(spec, [ns for ns in noise_settings(spec) if not ns.is_clean], out_root)
 
     # ------------------------------------------------------------------ one cell
-    def measure_cell(self, study: Any, model: Any, data: Any) -> tuple[dict, list[str], dict]:
+    def measure_cell(self, study: Any, model: Any, data: Any, info: dict | None = None) -> tuple[dict, list[str], dict]:
         """Label noise, and the clean cell (noisy = clean labels, so Delta should come out 1): both label vectors
         accumulated in the one pass. Corrupted inputs: one label vector, measured on the corrupted and the clean
         images (probes train on the clean ones). Delta = CDNV(clean) / CDNV(noisy) per layer."""
@@ -280,7 +280,7 @@ class NoiseSweep(DepthSweep):
             sets["train"] = ImageDataset(data.train, image_size=size, channels=ch, label_columns=[data.train.labels, clean])
         layers, names, accs = measure_model(model, spec, sets, accelerator=study.accelerator, num_classes=k,
                                             label_names=("noisy", "clean") if noisy_labels else ("train",),
-                                            progress=study.progress)
+                                            progress=study.progress, info=info)
         if noisy_labels:
             results = dict(layers)
         else:

@@ -8,7 +8,8 @@ Orchestrator
 ``measure(extract, train_batches, eval_batches=None, *, num_classes, label_names=("label",),
 metrics=("cdnv", "nc1", "nc2", "ncc", "probe"), probe="ridge", probe_labels=None, nc1_dim_cap=1024,
 probe_dim_cap=4096, val_fraction=0.2, seed=0, ridge_alphas=RIDGE_ALPHAS, logistic_cs=LOGISTIC_CS,
-logistic_max_samples=50_000, accelerator=None, progress=True) -> Measurements``
+logistic_max_samples=50_000, accelerator=None, progress=True, classifiers=None, scatter_products="float64",
+keep_features_bytes=2**31) -> Measurements``
 
 * ``extract(x) -> dict[str, Tensor[B, D]]``: already-reduced features per tapped layer, in layer
   order (called once per batch, under ``torch.inference_mode``).
@@ -20,8 +21,10 @@ logistic_max_samples=50_000, accelerator=None, progress=True) -> Measurements``
 * ``eval_batches``: None, one iterable (named ``"test"``), or ``{split name: iterable}``. An eval
   split's ``y`` has one column (used for every label vector: e.g. clean test labels) or one per label
   vector. Exactly one forward pass per split. To get ``ncc_acc/train`` / ``probe_acc/train``, pass the
-  training loader again as an eval split named ``"train"`` (costs a second pass over it: the
-  nearest-class-mean classifier needs the final class means, which exist only after the first pass).
+  training loader again as an eval split named ``"train"``: the nearest-class-mean classifier needs the
+  final class means, which exist only after the first pass, so it is scored from the training features
+  kept in the first pass when they fit ``keep_features_bytes`` (default 2 GiB per process; the loader
+  is then never iterated), else in a second pass over it (``Measurements.info["train_eval"]``).
 * ``metrics``: any of "cdnv", "nc1", "nc2" (measured on every split; an eval split named "train"
   skips them, they are the training pass's), "ncc" (eval splits), "probe" (with ``probe`` = "ridge" or
   "logistic"; trained on ``probe_labels``, default "clean" if present else column 0, validation part

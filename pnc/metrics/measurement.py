@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor
 from pnc.metrics.collapse import MetricWarning, NearestClassMean, geometry, memorization_layers, memorization_ratio
 from pnc.metrics.comm import Comm
 from pnc.metrics.geometry import REGISTRY, Geometry
-from pnc.metrics.options import DEFAULTS, PROBES
+from pnc.metrics.options import DEFAULTS, PROBES, SCATTER_PRODUCTS
 from pnc.metrics.probes import (
     CountSketch,
     FeatureCache,
@@ -122,6 +122,116 @@ def _features(extract: Callable, x: Any, names: list[str] | None) -> dict[str, T
     return dict(feats)
 
 
+@dataclass
+class _Batch:
+    """One batch as every pass uses it: features per layer and labels (and, in the training pass, the global
+    indices), masked rows dropped, checked, on the features' device."""
+
+    feats: dict[str, Tensor]
+    y: Tensor  # (B, C) int64
+    idx: Tensor | None  # (B,) int64 on the CPU, training pass only
+
+    @property
+    def rows(self) -> int:
+        return int(self.y.shape[0])
+
+
+class _BatchStream:
+    """The single batch iterator of :func:`measure`'s passes: unpacks ``(x, y, idx[, mask])``, calls ``extract``,
+    checks layer names, dimensions, row counts, label columns and label range, applies the mask, and moves labels
+    and indices to the features' device (handled on the CPU first: no device syncs). The first batch fixes the
+    layer names and dimensions for every later batch of every pass."""
+
+    def __init__(self, extract: Callable, cfg: _Config, show: bool):
+        self.extract, self.cfg, self.show = extract, cfg, show
+        self.names: list[str] | None = None
+        self.dims: dict[str, int] = {}
+        self.device: torch.device | None = None
+
+    def batches(self, source: Iterable, split: str, *, train: bool = False) -> Iterator[_Batch]:
+        """The batches of one pass: the training pass (``train``: every label vector, indices for the probe) or
+        the eval pass of ``split`` (one label column or one per label vector)."""
+        cfg, L = self.cfg, self.cfg.num_labelings
+        where = "" if train else f"split {split!r}: "
+        cols: int | None = None
+        for batch in _progress(source, f"measure {split}", self.show):
+            x, y, idx, mask = _unpack(batch)
+            feats = _features(self.extract, x, self.names)
+            if self.names is None:
+                self.names = list(feats)
+                self.dims = {k: int(v.shape[1]) for k, v in feats.items()}
+            if self.device is None:
+                self.device = next(iter(feats.values())).device
+            y2 = _as_2d_labels(y).cpu()
+            if train:
+                if y2.shape[1] < L:
+                    raise ValueError(
+                        f"training labels have {y2.shape[1]} column(s) but label_names has {L}: {list(cfg.label_names)}")
+                c = L
+            else:
+                c = _eval_columns(y2.shape[1], L, split)
+            if cols is not None and c != cols:
+                raise ValueError(f"{where}the number of label columns changed between batches")
+            cols = c
+            y2 = y2[:, :cols]
+            rows = y2.shape[0]
+            idx_t = None
+            if train:
+                if idx is None:
+                    if cfg.probe is not None:
+                        raise ValueError("training batches need global sample indices idx: they choose the probe's "
+                                         "validation part")
+                    idx = torch.zeros(rows, dtype=torch.int64)
+                idx_t = torch.as_tensor(idx).cpu().long().reshape(-1)
+                if idx_t.shape[0] != rows:
+                    raise ValueError(f"idx has {idx_t.shape[0]} entries for a batch of {rows} labels")
+            keep = None if mask is None else torch.as_tensor(mask).cpu().bool().reshape(-1)
+            if keep is not None:
+                if keep.shape[0] != rows:
+                    raise ValueError(f"{where}mask has {keep.shape[0]} entries for a batch of {rows} labels")
+                y2 = y2[keep]
+                idx_t = None if idx_t is None else idx_t[keep]
+            check_labels(y2, cfg.num_classes)
+            dev = self.device
+            keep_d = None if keep is None else keep.to(dev)
+            out: dict[str, Tensor] = {}
+            for name, h in feats.items():
+                if h.shape[0] != rows:
+                    raise ValueError(f"{where}layer {name!r} has {h.shape[0]} rows for a batch of {rows} labels")
+                if h.shape[1] != self.dims[name]:
+                    raise ValueError(f"{where}layer {name!r} has dimension {h.shape[1]}, expected {self.dims[name]} "
+                                     "(as in the first batch)")
+                h = h.to(dev)
+                out[name] = h if keep_d is None else h[keep_d]
+            yield _Batch(out, y2.to(dev), idx_t)
+
+
+class _KeptFeatures:
+    """The training pass's features and labels, kept (in the dtype ``extract`` returned them, on its device) while
+    they fit ``budget`` bytes, so that an eval split named "train" is scored from them instead of a second
+    forward pass. ``fits`` turns False (and everything kept is dropped) at the first batch over the budget."""
+
+    def __init__(self, budget: int):
+        self.budget, self.nbytes, self.fits = int(budget), 0, int(budget) > 0
+        self.kept: list[_Batch] = []
+
+    def add(self, b: _Batch) -> None:
+        if not self.fits:
+            return
+        feats = {k: v.detach().clone() for k, v in b.feats.items()}
+        self.nbytes += sum(v.numel() * v.element_size() for v in feats.values()) + b.y.numel() * b.y.element_size()
+        if self.nbytes > self.budget:
+            self.fits, self.kept = False, []
+            return
+        self.kept.append(_Batch(feats, b.y.clone(), None))
+
+    def __iter__(self) -> Iterator[_Batch]:
+        return iter(self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
 # ----------------------------------------------------------------------------- per-layer plans
 class _TrainLayer:
     """Accumulators for one layer over the training split."""
@@ -138,7 +248,8 @@ class _TrainLayer:
         probe_in_coll = True
         if cfg.probe == "ridge":
             pdim = cfg.probe_dim_cap if self.sketch is not None else dim
-            self.probe_stats = ClassStats(K, pdim, num_labelings=1, num_parts=2, scatter=True, device=device)
+            self.probe_stats = ClassStats(K, pdim, num_labelings=1, num_parts=2, scatter=True, device=device,
+                                          products=cfg.scatter_products)
             # the probe labels' collapse statistics come from the probe accumulator unless sketched
             probe_in_coll = self.sketch is not None
         elif cfg.probe == "logistic":
@@ -146,7 +257,8 @@ class _TrainLayer:
         self.coll_labelings = [l for l in range(L) if cfg.want_stats and (probe_in_coll or l != cfg.probe_col)]
         self.coll: ClassStats | None = None
         if self.coll_labelings:
-            self.coll = ClassStats(K, dim, num_labelings=len(self.coll_labelings), scatter=self.nc1_ok, device=device)
+            self.coll = ClassStats(K, dim, num_labelings=len(self.coll_labelings), scatter=self.nc1_ok, device=device,
+                                   products=cfg.scatter_products)
         self._coll_cols = torch.tensor(self.coll_labelings, dtype=torch.int64, device=device)
 
     def update(self, h: Tensor, y: Tensor, idx: Tensor, part: Tensor | None, cfg: _Config) -> None:
@@ -179,7 +291,8 @@ class _TrainLayer:
 class _EvalLayer:
     def __init__(self, dim: int, *, num_labelings: int, nc1_ok: bool, collapse: bool, cfg: _Config, device):
         self.coll = (
-            ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device)
+            ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device,
+                       products=cfg.scatter_products)
             if collapse else None
         )
         self.ncc_correct = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
@@ -205,6 +318,8 @@ class _Config:
     ridge_alphas: tuple[float, ...]
     logistic_cs: tuple[float, ...]
     logistic_max_samples: int
+    scatter_products: str = DEFAULTS.scatter_products
+    keep_features_bytes: int = DEFAULTS.keep_features_bytes
 
     @property
     def num_labelings(self) -> int:
@@ -283,6 +398,8 @@ def measure(
     accelerator: Any = None,
     progress: bool = True,
     classifiers: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    scatter_products: str = DEFAULTS.scatter_products,
+    keep_features_bytes: int = DEFAULTS.keep_features_bytes,
 ) -> Measurements:
     """Measure every tapped layer in one forward pass over the training split and one per eval split.
 
@@ -308,6 +425,13 @@ def measure(
         logistic_max_samples: cached training samples per layer for the logistic probe.
         accelerator: an ``accelerate.Accelerator``; else ``torch.distributed`` if initialised.
         progress: tqdm bars (only on a TTY, only on the main process).
+        classifiers: ``{layer name: (weight (K, D), bias (K,))}``, the layers' own classifiers (NC3, UNC3, NC4);
+            other layers use their probe.
+        scatter_products: "float64" or "float32", the precision of the D x D scatter's per-batch products
+            (``docs/metrics.md``, "Scatter in float32").
+        keep_features_bytes: budget (bytes per process) for keeping the training pass's features and labels so
+            that an eval split named "train" (which must be the training split again) is scored from them, with no
+            second forward pass; 0 never keeps them. ``info["train_eval"]`` says which happened.
 
     Returns:
         :class:`Measurements`; keys are listed in :mod:`pnc.metrics`.
@@ -332,8 +456,11 @@ def measure(
         probe_col=_resolve_probe_col(probe_labels, names), nc1_dim_cap=int(nc1_dim_cap),
         probe_dim_cap=int(probe_dim_cap), val_fraction=float(val_fraction), seed=int(seed),
         ridge_alphas=tuple(float(a) for a in ridge_alphas), logistic_cs=tuple(float(c) for c in logistic_cs),
-        logistic_max_samples=int(logistic_max_samples),
+        logistic_max_samples=int(logistic_max_samples), scatter_products=str(scatter_products),
+        keep_features_bytes=int(keep_features_bytes),
     )
+    if cfg.scatter_products not in SCATTER_PRODUCTS:
+        raise ValueError(f"scatter_products must be one of {list(SCATTER_PRODUCTS)}; got {scatter_products!r}")
     if eval_batches is None:
         evals: dict[str, Iterable] = {}
     elif isinstance(eval_batches, Mapping):
@@ -347,58 +474,26 @@ def measure(
     show = bool(progress) and comm.is_main and sys.stderr.isatty()
 
     # ---------------------------------------------------------------- training pass
+    stream = _BatchStream(extract, cfg, show)
+    kept = _KeptFeatures(cfg.keep_features_bytes if TRAIN in evals else 0)
     layers: list[_TrainLayer] | None = None
     layer_names: list[str] | None = None
-    device: torch.device | None = None
     n_local = torch.zeros((), dtype=torch.int64)
-    for batch in _progress(train_batches, f"measure {TRAIN}", show):
-        x, y, idx, mask = _unpack(batch)
-        feats = _features(extract, x, layer_names)
+    for b in stream.batches(train_batches, TRAIN, train=True):
         if layers is None:
-            layer_names = list(feats)
-            device = next(iter(feats.values())).device
-            layers = [
-                _TrainLayer(n, int(f.shape[1]), cfg=cfg, device=device, layer_index=i)
-                for i, (n, f) in enumerate(feats.items())
-            ]
-        assert device is not None
-        # labels, indices and mask are handled on the CPU (no device syncs), then moved once
-        y2 = _as_2d_labels(y).cpu()
-        if y2.shape[1] < cfg.num_labelings:
-            raise ValueError(
-                f"training labels have {y2.shape[1]} column(s) but label_names has {cfg.num_labelings}: {list(names)}"
-            )
-        y2 = y2[:, : cfg.num_labelings]
-        rows = y2.shape[0]
-        if idx is None:
-            if cfg.probe is not None:
-                raise ValueError("training batches need global sample indices idx: they choose the probe's validation part")
-            idx = torch.zeros(rows, dtype=torch.int64)
-        idx_t = torch.as_tensor(idx).cpu().long().reshape(-1)
-        if idx_t.shape[0] != rows:
-            raise ValueError(f"idx has {idx_t.shape[0]} entries for a batch of {rows} labels")
-        keep = None if mask is None else torch.as_tensor(mask).cpu().bool().reshape(-1)
-        if keep is not None:
-            if keep.shape[0] != rows:
-                raise ValueError(f"mask has {keep.shape[0]} entries for a batch of {rows} labels")
-            y2, idx_t = y2[keep], idx_t[keep]
-        check_labels(y2, cfg.num_classes)
-        if y2.shape[0] == 0:
+            layer_names = list(b.feats)
+            layers = [_TrainLayer(n, int(f.shape[1]), cfg=cfg, device=stream.device, layer_index=i)
+                      for i, (n, f) in enumerate(b.feats.items())]
+        if b.rows == 0:
             continue
-        n_local += y2.shape[0]
-        part = validation_part(idx_t, cfg.val_fraction, cfg.seed).to(device) if cfg.probe is not None else None
-        y2, idx_t = y2.to(device), idx_t.to(device)
-        keep_d = None if keep is None else keep.to(device)
+        n_local += b.rows
+        kept.add(b)
+        assert b.idx is not None
+        dev = b.y.device
+        part = validation_part(b.idx, cfg.val_fraction, cfg.seed).to(dev) if cfg.probe is not None else None
+        idx_d = b.idx.to(dev)
         for lay in layers:
-            h = feats[lay.name]
-            if h.shape[0] != rows:
-                raise ValueError(f"layer {lay.name!r} has {h.shape[0]} rows for a batch of {rows} labels")
-            if h.shape[1] != lay.dim:
-                raise ValueError(f"layer {lay.name!r} changed dimension from {lay.dim} to {h.shape[1]}")
-            h = h.to(device)
-            if keep_d is not None:
-                h = h[keep_d]
-            lay.update(h, y2, idx_t, part, cfg)
+            lay.update(b.feats[lay.name], b.y, idx_d, part, cfg)
 
     seen = comm.all_gather_object(None if layers is None else [(l.name, l.dim) for l in layers])
     spec = next((s for s in seen if s is not None), None)
@@ -409,6 +504,7 @@ def measure(
     if layers is None:  # this process got no batch: join the reduction with empty statistics
         layers = [_TrainLayer(n, d, cfg=cfg, device=comm.device, layer_index=i) for i, (n, d) in enumerate(spec)]
         layer_names = [n for n, _ in spec]
+        stream.names, stream.dims = list(layer_names), dict(spec)
     assert layer_names is not None
     state_bytes = {TRAIN: sum(lay.nbytes for lay in layers)}
     n_train = int(comm.sum(n_local.to(comm.device)).item())
@@ -491,8 +587,12 @@ def measure(
     nccs: list[list[NearestClassMean]] = []
     if "ncc" in cfg.metrics or "nc4" in cfg.metrics:
         nccs = [[NearestClassMean(s) for s in per_layer] for per_layer in train_summaries]
+    # an eval split named "train" is scored from the kept training features when they fitted on every process
+    from_kept = TRAIN in evals and all(comm.all_gather_object(kept.fits))
     for split, batches in evals.items():
-        ev = _eval_pass(extract, batches, split, cfg, layers, layer_names, probes, nccs, comm, show, clfs)
+        source = (_progress(kept, f"measure {split} (kept features)", show) if split == TRAIN and from_kept
+                  else stream.batches(batches, split))
+        ev = _eval_pass(source, split, cfg, layers, probes, nccs, comm, clfs)
         samples[split] = ev.pop("__n__")  # type: ignore[assignment]
         state_bytes[split] = ev.pop("__bytes__")  # type: ignore[assignment]
         matrices.update(ev.pop("__matrices__"))  # type: ignore[arg-type]
@@ -500,7 +600,9 @@ def measure(
             out[k] = v  # type: ignore[assignment]
 
     info = {"probe": probe_info, "nc1_skipped_layers": nclayers, "classifier": clf_source, "label_names": list(names),
-            "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes}
+            "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes,
+            "train_eval": None if TRAIN not in evals else "kept features" if from_kept else "second pass",
+            "kept_feature_bytes": kept.nbytes if from_kept else 0, "scatter_products": cfg.scatter_products}
     return Measurements(
         layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
         memorization_layers=mem_layers, samples=samples, info=info, matrices=matrices,
@@ -508,8 +610,8 @@ def measure(
 
 
 def _eval_pass(
-    extract: Callable, batches: Iterable, split: str, cfg: _Config, layers: list[_TrainLayer], names: list[str],
-    probes: list[LinearProbe], nccs: list[list[NearestClassMean]], comm: Comm, show: bool,
+    source: Iterable[_Batch], split: str, cfg: _Config, layers: list[_TrainLayer],
+    probes: list[LinearProbe], nccs: list[list[NearestClassMean]], comm: Comm,
     clfs: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> dict[str, Any]:
     L = cfg.num_labelings
@@ -517,48 +619,25 @@ def _eval_pass(
     state: list[_EvalLayer] | None = None
     ecols: int | None = None
     n_local = torch.zeros((), dtype=torch.int64)
-    device: torch.device | None = None
-    moved = False
-    for batch in _progress(batches, f"measure {split}", show):
-        x, y, idx, mask = _unpack(batch)
-        feats = _features(extract, x, names)
-        if device is None:
-            device = next(iter(feats.values())).device
-        y2 = _as_2d_labels(y).cpu()
-        if ecols is None:
-            ecols = _eval_columns(y2.shape[1], L, split)
-        elif _eval_columns(y2.shape[1], L, split) != ecols:
-            raise ValueError(f"split {split!r}: the number of label columns changed between batches")
-        y2 = y2[:, :ecols]
-        keep = None if mask is None else torch.as_tensor(mask).cpu().bool().reshape(-1)
-        if keep is not None:
-            if keep.shape[0] != y2.shape[0]:
-                raise ValueError(f"split {split!r}: mask has {keep.shape[0]} entries for {y2.shape[0]} labels")
-            y2 = y2[keep]
-        check_labels(y2, cfg.num_classes)
-        y2 = y2.to(device)
-        keep = None if keep is None else keep.to(device)
+    for b in source:
+        y2 = b.y
+        device = y2.device
         if state is None:
+            ecols = int(y2.shape[1])
             state = _make_eval_state(layers, ecols, collapse, cfg, device)
-        if not moved:
             for p in probes:
                 p.to(device)
             clfs = [None if c is None else (c[0].to(device, F64), c[1].to(device, F64)) for c in (clfs or [])]
             for per in nccs:
                 for c in per:
                     c.to(device)
-            moved = True
-        if y2.shape[0] == 0:
+        assert ecols is not None
+        if b.rows == 0:
             continue
-        n_local += y2.shape[0]
+        n_local += b.rows
         for i, lay in enumerate(layers):
-            h = feats[lay.name].to(device)
-            if h.shape[1] != lay.dim:
-                raise ValueError(f"split {split!r}: layer {lay.name!r} has dimension {h.shape[1]}, expected {lay.dim}")
-            if keep is not None:
-                h = h[keep]
             st = state[i]
-            x64 = h.to(F64)
+            x64 = b.feats[lay.name].to(F64)
             if st.coll is not None:
                 st.coll._update(x64, y2, None)
             agree = "nc4" in cfg.metrics and clfs and clfs[i] is not None

@@ -170,9 +170,8 @@ def _ridge_scale(m: RidgeMoments) -> float:
 
 def _ridge_weights(m: RidgeMoments, alpha: float) -> Tensor:
     """W = (C + alpha * s * I)^-1 C_xy by a float64 Cholesky solve (C + alpha s I is positive definite)."""
-    c = m.sxx / m.n
-    reg = alpha * _ridge_scale(m)
-    a = c + reg * torch.eye(c.shape[0], dtype=F64, device=c.device)
+    a = m.sxx / m.n
+    a.diagonal().add_(alpha * _ridge_scale(m))
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:  # not numerically positive definite (alpha far too small): use a general solver
         return torch.linalg.lstsq(a, m.sxy / m.n).solution

@@ -12,8 +12,13 @@ Numerical method (why the results are exact to float64 rounding, never negative)
   ``Q = Q_a + Q_b + (n_a n_b / n) (m_b - m_a)(m_b - m_a)^T``. Every term is a sum of
   non-negative quantities, so variances stay >= 0, and the result does not depend on batch size,
   batch order or process count beyond float64 rounding.
-* The scatter update (batch term plus the per-class rank-one Chan corrections) is a single float64
-  ``addmm`` of the stacked matrix ``[U; sqrt(n_a n_b / n) (m_b - m_a)]`` per (label vector, part).
+* The within-class scatter is streamed shifted: per batch one product of the B rows h_i - s_{y_i}
+  (s_k a per-class shift, the first batch mean of class k), then ``S_W = S_s - sum_k n_k (mu_k - s_k)
+  (mu_k - s_k)^T`` restores the centred scatter and resets s_k = mu_k, at 8192 rows and every time the
+  row count has doubled after, and before any result or merge. The rows are within-class deviations (small, centred
+  numbers); the K-class correction costs one K x D product per doubling instead of up to K extra
+  rows per batch. The products are float64, or float32 (``products="float32"``) with the error bound
+  of ``docs/metrics.md``.
 
 Groups are indexed by (label vector l, part p, class k). Label vectors share the features (e.g.
 noisy and clean labels); parts split the samples of a split (e.g. the probe's fit and validation
@@ -28,12 +33,16 @@ import torch
 from torch import Tensor
 
 from pnc.metrics.comm import Comm
+from pnc.metrics.options import SCATTER_PRODUCTS
 
 F64 = torch.float64
 
-# Above this many classes, the rank-one Chan corrections only use the classes present in the batch
-# (one torch.nonzero per batch) instead of a dense K x D block.
-_SPARSE_CORRECTION_CLASSES = 64
+# Above this many (part, class) groups, a batch's statistics are computed for the groups present in it only.
+_SPARSE_GROUPS = 64
+# The first in-stream settle of the scatter once this many rows have been added, then at every doubling.
+_FIRST_SETTLE_ROWS = 8192
+# The scatter's products are taken in column blocks of this width, only on and above the diagonal.
+_GRAM_BLOCK = 256
 # On CUDA, parts are separated by zeroing rows (no sync); set True to use that path on the CPU too (tests).
 _DENSE_PARTS_ON_CPU = False
 
@@ -140,10 +149,20 @@ class ClassStats:
         scatter: whether to accumulate the D x D within-class scatter; a bool for all label vectors
             or one bool per label vector.
         device: where the float64 state lives (default: CPU).
+        products: precision of the per-batch D x D products of the scatter, "float64" (default) or
+            "float32" (rows centred in float64, products in float32, accumulated in float64: error bound
+            in ``docs/metrics.md``, "Scatter in float32").
 
     State (float64 except counts): ``count`` (L, P, K), ``mean`` (L, P, K, D), ``sq_dist`` (L, P, K),
-    ``scatter`` (number of label vectors with a scatter, P, D, D). O(L P (K D + D^2)) memory,
-    independent of the number of samples.
+    and for the label vectors with a scatter ``scatter`` (S, P, D, D) with its per-class ``shift``
+    (S, P, K, D) and ``fed_sq`` (S, P), the sum of the squared norms of the rows that entered its products
+    (T of the float32 error bound). O(L P (K D + D^2)) memory, independent of the number of samples.
+
+    The scatter is streamed *shifted*: per batch only the B rows h_i - s_{y_i} enter one product
+    (s_k: a per-class shift, the batch mean of class k in the batch that first holds it), and
+    ``S_W = S_s - sum_k n_k (mu_k - s_k)(mu_k - s_k)^T`` is restored ("settled": one K x D product, then
+    s_k = mu_k) when the row count reaches 8192 and at every doubling after, and before any result or merge. Only the blocks on and
+    above the diagonal are accumulated (the scatter is symmetric); the others are filled when settled.
     """
 
     def __init__(
@@ -155,26 +174,35 @@ class ClassStats:
         num_parts: int = 1,
         scatter: bool | Sequence[bool] = False,
         device: torch.device | str | None = None,
+        products: str = "float64",
     ):
         if num_classes < 1 or dim < 1 or num_labelings < 1 or num_parts < 1:
             raise ValueError(
                 f"ClassStats needs num_classes, dim, num_labelings, num_parts >= 1; got "
                 f"{num_classes}, {dim}, {num_labelings}, {num_parts}"
             )
+        if products not in SCATTER_PRODUCTS:
+            raise ValueError(f"products must be one of {list(SCATTER_PRODUCTS)}; got {products!r}")
         K, D, L, P = int(num_classes), int(dim), int(num_labelings), int(num_parts)
         flags = [bool(scatter)] * L if isinstance(scatter, bool) else [bool(s) for s in scatter]
         if len(flags) != L:
             raise ValueError(f"scatter has {len(flags)} flags for {L} label vectors")
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.num_classes, self.dim, self.num_labelings, self.num_parts = K, D, L, P
+        self.products = products
         self.scatter_labelings: tuple[int, ...] = tuple(i for i, f in enumerate(flags) if f)
         self._scatter_slot = {l: j for j, l in enumerate(self.scatter_labelings)}
         self.count = torch.zeros(L, P, K, dtype=torch.int64, device=dev)
         self.mean = torch.zeros(L, P, K, D, dtype=F64, device=dev)
         self.sq_dist = torch.zeros(L, P, K, dtype=F64, device=dev)
-        self.scatter: Tensor | None = (
-            torch.zeros(len(self.scatter_labelings), P, D, D, dtype=F64, device=dev) if self.scatter_labelings else None
-        )
+        S = len(self.scatter_labelings)
+        self.scatter: Tensor | None = torch.zeros(S, P, D, D, dtype=F64, device=dev) if S else None
+        self.shift: Tensor | None = torch.zeros(S, P, K, D, dtype=F64, device=dev) if S else None
+        # T of the float32 error bound: sum of the squared norms of every row that entered the products
+        self.fed_sq: Tensor | None = torch.zeros(S, P, dtype=F64, device=dev) if S else None
+        self._rows = 0  # rows added since construction (host-side: no device sync)
+        self._settle_at = _FIRST_SETTLE_ROWS  # settle when _rows reaches this, then at every doubling
+        self._settled = True  # scatter centred on the class means and symmetric
 
     # ------------------------------------------------------------------ streaming
     @property
@@ -184,8 +212,11 @@ class ClassStats:
     @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
-        ts = [self.count, self.mean, self.sq_dist] + ([self.scatter] if self.scatter is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
+
+    def _all_tensors(self) -> list[Tensor]:
+        extra = [self.scatter, self.shift, self.fed_sq]
+        return [self.count, self.mean, self.sq_dist] + ([t for t in extra if t is not None] if self.scatter is not None else [])
 
     def update(
         self,
@@ -240,38 +271,84 @@ class ClassStats:
                 rows = [torch.nonzero(part == j).squeeze(1) for j in range(P)]
         for l in range(L):
             g = y[:, l] if P == 1 else part * K + y[:, l]
-            nb = torch.bincount(g, minlength=G)
+            # many classes: work on the groups present in the batch only (at most B of them)
+            cls, gi = torch.unique(g, return_inverse=True) if G > _SPARSE_GROUPS else (None, g)
+            Gb = G if cls is None else int(cls.shape[0])
+            nb = torch.bincount(gi, minlength=Gb)
             nbf = nb.to(F64)
-            mb = x.new_zeros(G, D).index_add_(0, g, x).div_(nbf.clamp_min(1.0).unsqueeze(1))
-            u = x - mb.index_select(0, g)
-            qb = x.new_zeros(G).index_add_(0, g, u.square().sum(1))
-            n_a = self.count[l].view(G)
-            m_a = self.mean[l].view(G, D)
-            q_a = self.sq_dist[l].view(G)
+            mb = x.new_zeros(Gb, D).index_add_(0, gi, x).div_(nbf.clamp_min(1.0).unsqueeze(1))
+            u = x - mb.index_select(0, gi)
+            qb = x.new_zeros(Gb).index_add_(0, gi, u.square().sum(1))
+            n_all, m_all, q_all = self.count[l].view(G), self.mean[l].view(G, D), self.sq_dist[l].view(G)
+            n_a, m_a, q_a = (n_all, m_all, q_all) if cls is None else (
+                n_all.index_select(0, cls), m_all.index_select(0, cls), q_all.index_select(0, cls))
+            slot = self._scatter_slot.get(l)
+            if slot is not None:
+                assert self.scatter is not None and self.shift is not None and self.fed_sq is not None
+                sh_all = self.shift[slot].view(G, D)
+                sh = sh_all if cls is None else sh_all.index_select(0, cls)
+                # a group seen for the first time is shifted by its batch mean (its rows are then centred)
+                sh = torch.where((n_a == 0).unsqueeze(1), mb, sh)
+                if cls is None:
+                    sh_all.copy_(sh)
+                else:
+                    sh_all.index_copy_(0, cls, sh)
+                r = x - sh.index_select(0, gi)
+                for j in range(P):
+                    if rows is not None:
+                        rj = r.index_select(0, rows[j])
+                    elif pmask is not None:
+                        rj = r * pmask[j]
+                    else:
+                        rj = r
+                    self._gram_add(self.scatter[slot, j], rj)
+                    self.fed_sq[slot, j] += rj.square().sum()
+                self._settled = False
             naf = n_a.to(F64)
             nt = (naf + nbf).clamp_min(1.0)
             delta = mb - m_a
-            c = naf * nbf / nt
-            slot = self._scatter_slot.get(l)
-            if slot is not None:
-                assert self.scatter is not None
-                for j in range(P):
-                    if rows is not None:
-                        uj = u.index_select(0, rows[j])
-                    elif pmask is not None:
-                        uj = u * pmask[j]
-                    else:
-                        uj = u
-                    cj = c[j * K:(j + 1) * K]
-                    dj = delta[j * K:(j + 1) * K]
-                    if K > _SPARSE_CORRECTION_CLASSES:
-                        sel = torch.nonzero(cj).squeeze(1)
-                        cj, dj = cj.index_select(0, sel), dj.index_select(0, sel)
-                    a = torch.cat([uj, dj * cj.sqrt().unsqueeze(1)])
-                    self.scatter[slot, j].addmm_(a.T, a)
-            q_a.add_(qb).add_(c * delta.square().sum(1))
-            m_a.add_(delta * (nbf / nt).unsqueeze(1))
-            n_a.add_(nb)
+            q_new = q_a + qb + naf * nbf / nt * delta.square().sum(1)
+            m_new = m_a + delta * (nbf / nt).unsqueeze(1)
+            if cls is None:
+                q_all.copy_(q_new)
+                m_all.copy_(m_new)
+                n_all.add_(nb)
+            else:
+                q_all.index_copy_(0, cls, q_new)
+                m_all.index_copy_(0, cls, m_new)
+                n_all.index_add_(0, cls, nb)
+        self._rows += int(x.shape[0])
+        if self.scatter is not None and self._rows >= self._settle_at:
+            self.settle()
+            self._settle_at = max(2 * self._rows, _FIRST_SETTLE_ROWS)
+
+    def _gram_add(self, s: Tensor, a: Tensor) -> None:
+        """s[i-block, j-block] += a[:, i]^T a[:, j] for the column blocks i <= j (the upper block triangle)."""
+        if a.shape[0] == 0:
+            return
+        a = a.to(torch.float32) if self.products == "float32" else a
+        D = self.dim
+        step = _GRAM_BLOCK if D > _GRAM_BLOCK else D
+        for i in range(0, D, step):
+            s[i:i + step, i:].add_(a[:, i:i + step].T @ a[:, i:])
+
+    def settle(self) -> None:
+        """Centre the scatter on the class means (S_W = S_s - sum_k n_k d_k d_k^T, d_k = mu_k - s_k; then
+        s_k = mu_k) and fill its lower block triangle. Exact transform; idempotent."""
+        if self.scatter is None or self.shift is None or self._settled:
+            return
+        D = self.dim
+        step = _GRAM_BLOCK if D > _GRAM_BLOCK else D
+        for slot, l in enumerate(self.scatter_labelings):
+            for j in range(self.num_parts):
+                s = self.scatter[slot, j]
+                for i in range(step, D, step):  # lower blocks := transposed upper ones
+                    s[i:i + step, :i].copy_(s[:i, i:i + step].T)
+                n = self.count[l, j].to(F64)
+                d = (self.mean[l, j] - self.shift[slot, j]) * n.sqrt().unsqueeze(1)
+                s.sub_(d.T @ d)
+                self.shift[slot, j].copy_(self.mean[l, j])
+        self._settled = True
 
     # ------------------------------------------------------------------ merging
     def _check_compatible(self, other: ClassStats) -> None:
@@ -283,27 +360,36 @@ class ClassStats:
     def merge_(self, other: ClassStats) -> ClassStats:
         """Merge ``other`` (disjoint samples) into ``self``, exactly; returns ``self``."""
         self._check_compatible(other)
+        self.settle()
+        other.settle()
         o_count, o_mean, o_sq = (t.to(self.device) for t in (other.count, other.mean, other.sq_dist))
         if self.scatter is not None:
-            assert other.scatter is not None
+            assert other.scatter is not None and self.shift is not None
             idx = list(self.scatter_labelings)
-            _, _, _, s = chan_merge(
+            _, m, _, s = chan_merge(
                 self.count[idx], self.mean[idx], self.sq_dist[idx], self.scatter,
                 o_count[idx], o_mean[idx], o_sq[idx], other.scatter.to(self.device),
             )
             self.scatter = s
+            self.shift = m.clone()
+            assert self.fed_sq is not None and other.fed_sq is not None
+            self.fed_sq = self.fed_sq + other.fed_sq.to(self.device)
         n, m, q, _ = chan_merge(self.count, self.mean, self.sq_dist, None, o_count, o_mean, o_sq, None)
         self.count, self.mean, self.sq_dist = n, m, q
+        self._rows += other._rows
         return self
 
     def state_tensors(self) -> list[Tensor]:
-        return [self.count, self.mean, self.sq_dist] + ([self.scatter] if self.scatter is not None else [])
+        """count, mean, sq_dist (and the settled scatter, fed_sq): what :meth:`all_reduce` exchanges."""
+        self.settle()
+        return [self.count, self.mean, self.sq_dist] + (
+            [self.scatter, self.fed_sq] if self.scatter is not None and self.fed_sq is not None else [])
 
     def empty_like(self) -> ClassStats:
         flags = [l in self._scatter_slot for l in range(self.num_labelings)]
         return ClassStats(
             self.num_classes, self.dim, num_labelings=self.num_labelings, num_parts=self.num_parts,
-            scatter=flags, device=self.device,
+            scatter=flags, device=self.device, products=self.products,
         )
 
     def all_reduce(self, comm: Comm | None = None, *, accelerator=None) -> ClassStats:
@@ -321,9 +407,10 @@ class ClassStats:
             other = self.empty_like()
             other.count, other.mean, other.sq_dist = gathered[0][r], gathered[1][r], gathered[2][r]
             if self.scatter is not None:
-                other.scatter = gathered[3][r]
+                other.scatter, other.fed_sq = gathered[3][r], gathered[4][r]
             merged.merge_(other)
         self.count, self.mean, self.sq_dist, self.scatter = merged.count, merged.mean, merged.sq_dist, merged.scatter
+        self.shift, self.fed_sq = merged.shift, merged.fed_sq
         return self
 
     # ------------------------------------------------------------------ results
@@ -331,6 +418,7 @@ class ClassStats:
         """The :class:`ClassSummary` of one label vector, for one part or (``part=None``) all parts merged."""
         if not 0 <= labeling < self.num_labelings:
             raise IndexError(f"labeling {labeling} out of range [0, {self.num_labelings})")
+        self.settle()
         slot = self._scatter_slot.get(labeling)
         parts = range(self.num_parts) if part is None else [part]
         out: ClassSummary | None = None
