@@ -266,7 +266,7 @@ def access_denied(exc: BaseException, resource: str = "") -> Exception | None:
         what = _run_resource(what[4:])
     return AccessDenied(f"MLflow {who} lacks {_needed_permission(endpoint, method)} permission on {what}: the server "
                         f"{tracking_uri()} refused {endpoint} (HTTP 403). Ask its admin to grant it "
-                        "(docs/team.md, 'Permissions')")
+                        "(docs/team.md, 'Accounts and permissions')")
 
 
 # Untracked files here are what pnc and DVC write (data, reports, results), not code: they leave the tree clean.
