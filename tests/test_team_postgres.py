@@ -207,3 +207,60 @@ def test_team_mode_on_postgres_behind_basic_auth(tmp_path: Path, monkeypatch) ->
         if server is not None:
             server.stop()
         pg.stop()
+
+
+def test_transient_store_errors_are_retried_and_refusals_are_not(monkeypatch) -> None:
+    """`tracking.retrying` on the errors an MLflow client raises (built as MLflow's REST client builds them):
+    PostgreSQL's serialization failure and deadlock (HTTP 500) are retried until the call succeeds; HTTP 401 and
+    403 are not retried and become AccessDenied naming the user, the resource and the permission."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED, UNAUTHENTICATED
+
+    from pnc import tracking
+    from pnc.errors import AccessDenied
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:s3cret-pw@mlflow.lab.example:5000")
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # restored after the test: pnc sets them
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    assert tracking.tracking_uri() == "http://mlflow.lab.example:5000"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret-pw"
+
+    def failing(errors: list[Exception]):
+        calls = []
+
+        def fn():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "done"
+        return fn, calls
+
+    pg = [MlflowException("(psycopg2.errors.SerializationFailure) could not serialize access due to concurrent update",
+                          error_code=INTERNAL_ERROR),
+          MlflowException("(psycopg2.errors.DeadlockDetected) deadlock detected", error_code=INTERNAL_ERROR)]
+    fn, calls = failing(pg)
+    assert tracking.retrying(fn) == "done" and len(calls) == 3
+    fn, calls = failing([MlflowException("no such run", error_code=INTERNAL_ERROR)])
+    with pytest.raises(MlflowException):
+        tracking.retrying(fn)
+    assert len(calls) == 1
+
+    body = "API request to endpoint {} failed with error code {} != 200. Response body: '{}'"
+    fn, calls = failing([MlflowException(body.format("/api/2.0/mlflow/model-versions/create", 403, "Permission denied"),
+                                         error_code=PERMISSION_DENIED)])
+    with pytest.raises(AccessDenied) as e:
+        tracking.retrying(fn, resource="registered model 'digits_transfer-resnet8'")
+    assert len(calls) == 1
+    msg = str(e.value)
+    assert "user 'bob'" in msg and "EDIT permission on registered model 'digits_transfer-resnet8'" in msg, msg
+    assert "s3cret-pw" not in msg and "http://mlflow.lab.example:5000" in msg
+    fn, _ = failing([MlflowException(body.format("/api/2.0/mlflow/runs/delete", 403, "Permission denied"),
+                                     error_code=PERMISSION_DENIED)])
+    with pytest.raises(AccessDenied, match="lacks MANAGE permission on experiment 'x'"):
+        tracking.retrying(fn, resource="experiment 'x'")
+    fn, _ = failing([MlflowException(body.format("/api/2.0/mlflow/runs/search", 401, "You are not authenticated"),
+                                     error_code=UNAUTHENTICATED)])
+    with pytest.raises(AccessDenied, match="refused user 'bob': unknown user or wrong password"):
+        tracking.retrying(fn, resource="experiment 'x'")
