@@ -27,7 +27,7 @@ SPEC = "specs/digits_transfer.yaml"
 OVERRIDES = ["--set", "models=[resnet8, resnet14]", "--set", "transfer.sources=[handwritten, typeset]",
              "--set", "transfer.targets=[typeset]", "--set", "train.epochs=1"]
 LAYERS = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the last block (merged into penultimate)
-RUN_TIMEOUT = 480  # seconds, for all concurrent cells together
+RUN_TIMEOUT = 900  # seconds, for all concurrent cells together (a generous bound: 2 busy cores train a cell in 3 min)
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -149,9 +149,11 @@ def wait_for_claim(c, exp_name: str, cid: str, pid: int, timeout: float = 300) -
     raise AssertionError(f"cell {cid} was not claimed by process {pid} within {timeout:.0f}s")
 
 
-def team_scenario(tmp_path: Path, server: MlflowServer, env: dict | None = None) -> dict:
+def team_scenario(tmp_path: Path, server: MlflowServer, env: dict | None = None, *, race_and_kill: bool = True) -> dict:
     """The team-mode scenario against ``server`` (pnc processes get ``env``: e.g. credentials); the test process's
-    own MlflowClient must be able to read everything. Returns what later checks need: project folder, cells, runs."""
+    own MlflowClient must be able to read everything. ``race_and_kill``: also a second process racing for one cell
+    and a SIGKILLed cell taken over (two more processes). Returns what later checks need: project folder, cells,
+    experiment, outputs."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -177,14 +179,16 @@ def team_scenario(tmp_path: Path, server: MlflowServer, env: dict | None = None)
     first = Cells(project, uri, env)
     for cid in ids:
         first.start(cid, "first")
-    first.start(raced_cell, "race")
-    victim = next(p for cid, p, _ in first.procs if cid == killed_cell)
-    killed_run = wait_for_claim(c, "digits_transfer", killed_cell, victim.pid)
-    stop(victim, signal.SIGKILL)
-    assert c.get_run(killed_run).info.status == "RUNNING"  # left behind by the dead process
-    first.start(killed_cell, "takeover")
+    killed_run = None
+    if race_and_kill:
+        first.start(raced_cell, "race")
+        victim = next(p for cid, p, _ in first.procs if cid == killed_cell)
+        killed_run = wait_for_claim(c, "digits_transfer", killed_cell, victim.pid)
+        stop(victim, signal.SIGKILL)
+        assert c.get_run(killed_run).info.status == "RUNNING"  # left behind by the dead process
+        first.start(killed_cell, "takeover")
     results = first.wait()
-    print(f"4 concurrent cells (+1 racing, 1 killed and taken over): {time.time() - t0:.0f}s")
+    print(f"4 concurrent cells{' (+1 racing, 1 killed and taken over)' if race_and_kill else ''}: {time.time() - t0:.0f}s")
     for cid, rc, text in results:
         assert "Traceback" not in text and "database is locked" not in text, text[-4000:]
         if rc == -signal.SIGKILL and cid == killed_cell:
@@ -194,8 +198,9 @@ def team_scenario(tmp_path: Path, server: MlflowServer, env: dict | None = None)
             continue
         assert rc == 0, f"cell {cid} exited {rc}:\n{text[-4000:]}"
     assert sum(rc == 0 for cid, rc, _ in results if cid == raced_cell) >= 1
-    takeover = next(text for cid, rc, text in results if cid == killed_cell and rc == 0)
-    assert f"(run {killed_run})" in takeover, takeover[-3000:]  # continued in the killed process's run
+    if race_and_kill:
+        takeover = next(text for cid, rc, text in results if cid == killed_cell and rc == 0)
+        assert f"(run {killed_run})" in takeover, takeover[-3000:]  # continued in the killed process's run
 
     # (b) the store, through the server
     exp = c.get_experiment_by_name("digits_transfer")
@@ -214,7 +219,7 @@ def team_scenario(tmp_path: Path, server: MlflowServer, env: dict | None = None)
     for r in by_role["cell"] + by_role["transfer"]:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
     cell_run = {r.data.tags["pnc.cell_id"]: r for r in by_role["cell"]}
-    assert cell_run[killed_cell].info.run_id == killed_run
+    assert killed_run is None or cell_run[killed_cell].info.run_id == killed_run
     for r in by_role["cell"]:
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
         assert steps == [0] or (r.info.run_id == killed_run and set(steps) == {0}), steps

@@ -120,6 +120,7 @@ def refused(out: subprocess.CompletedProcess, *words: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a bound for a hang only: about 4 minutes on 2 free cores (docs/team.md)
 def test_team_mode_on_postgres_behind_basic_auth(tmp_path: Path, monkeypatch) -> None:
     from mlflow.server.auth.client import AuthServiceClient
     from mlflow.tracking import MlflowClient
