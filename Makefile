@@ -9,7 +9,7 @@ STAMP := $(VENV)/.pnc-installed
 LOCK := requirements.lock
 LOCK_VENV ?= .venv-lock
 
-.PHONY: install repro test bench clean-venv chromium lock
+.PHONY: install repro test bench clean-venv chromium postgres lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ chromium:
 	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
-test: $(STAMP) chromium
+# PostgreSQL's server programs (initdb, pg_ctl) for tests/test_team_postgres.py, which starts a throwaway cluster:
+# Debian's package when neither PATH nor /usr/lib/postgresql/*/bin has them (root, or sudo when not root)
+postgres:
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
+
+test: $(STAMP) chromium postgres
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --timeout 900
 
 bench: $(STAMP)

@@ -23,6 +23,10 @@ class ModelError(PncError):
     """A model cannot be built (unknown name, weights missing, bad layer selection)."""
 
 
+class AccessDenied(PncError):
+    """The MLflow server refused a request: unknown user, wrong password (HTTP 401) or a permission missing (403)."""
+
+
 class TrainingError(PncError):
     """A training run failed in a way that marks its cell FAILED (NaN loss, divergence)."""
 

@@ -129,7 +129,8 @@ def log_model(net: Any, run_id: str, recipe: dict[str, Any] | None = None, examp
                 signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
         return tracking.retrying(lambda: Model.log(None, mlflow.pyfunc, name=ARTIFACT_NAME, run_id=run_id,
                                                    loader_module=__name__, data_path=str(data), signature=signature,
-                                                   pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS]))
+                                                   pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS]),
+                                 resource=f"run {run_id}")
 
 
 def source_alias(source: str) -> str:
@@ -144,16 +145,18 @@ def register(net: Any, run_id: str, name: str, tags: dict[str, str], source: str
 
     info = log_model(net, run_id, recipe, example)
     c = tracking.client()
+    res = f"registered model {name!r}"
     try:
-        tracking.retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}))
+        tracking.retrying(lambda: c.create_registered_model(name, tags={"pnc.study": tags.get("pnc.study", "")}), resource=res)
     except PncError:
         raise
     except Exception:  # noqa: BLE001 - exists already
         pass
     mv = tracking.retrying(lambda: c.create_model_version(name, info.model_uri, run_id=run_id,
-                                                          tags={**tags, TAG_FORMAT: FORMAT}, model_id=info.model_id))
+                                                          tags={**tags, TAG_FORMAT: FORMAT}, model_id=info.model_id),
+                           resource=res)
     for alias in ("current", source_alias(source)):
-        tracking.retrying(lambda alias=alias: c.set_registered_model_alias(name, alias, mv.version))
+        tracking.retrying(lambda alias=alias: c.set_registered_model_alias(name, alias, mv.version), resource=res)
     return mv
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import AccessDenied
 
 TAG_STUDY = "pnc.study"
 TAG_ROLE = "pnc.role"  # "study" (parent), "cell", "transfer"
@@ -59,8 +60,39 @@ def project_store() -> str:
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else :func:`project_store`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or project_store()
+    """``$MLFLOW_TRACKING_URI``, else :func:`project_store`; never with a password in it.
+
+    Credentials are MLflow's own: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or
+    ``~/.mlflow/credentials`` (never a spec). A ``user:password@`` part of an http(s) URI is moved into those
+    variables of this process (unless they are set already) and left out of the URI returned: the URI pnc prints,
+    logs and writes into reports carries no secret.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return project_store()
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if user and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        if password:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def tracking_user() -> str | None:
+    """The MLflow user pnc authenticates as (``MLFLOW_TRACKING_USERNAME``, else ``~/.mlflow/credentials``), or None."""
+    tracking_uri()  # a user in the URI counts
+    try:
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        return read_mlflow_creds().username or None
+    except Exception:  # noqa: BLE001 - an unreadable credentials file: MLflow reports it on its first request
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or None
 
 
 def artifact_location() -> str | None:
@@ -160,15 +192,82 @@ def client():
     return _CLIENT
 
 
-def retrying(fn, attempts: int = 8):
-    """Retry transient store errors ('database is locked') with backoff."""
+# Transient store errors, retried: SQLite's lock; PostgreSQL's deadlocks and serialization failures, which an
+# MLflow server on PostgreSQL answers with HTTP 500 and the driver's message (docs/team.md).
+_TRANSIENT = ("locked", "deadlock detected", "could not serialize access", "serializationfailure",
+              "deadlockdetected")
+
+
+def retrying(fn, attempts: int = 8, *, resource: str = ""):
+    """``fn()``, retrying transient store errors (:data:`_TRANSIENT`) with backoff.
+
+    A request the server refuses (HTTP 401: unknown user or wrong password; 403: a permission missing) is not
+    retried: it raises :class:`AccessDenied` naming the user, ``resource`` (what ``fn`` touches: ``experiment
+    'x'``, ``run <id>``, ``registered model 'y'``) and the permission missing."""
     for i in range(attempts):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - only lock errors are retried
-            if "locked" not in str(e).lower() or i == attempts - 1:
+        except Exception as e:  # noqa: BLE001 - only transient errors are retried
+            refused = access_denied(e, resource)
+            if refused is not None:
+                raise refused from None
+            if not any(t in str(e).lower() for t in _TRANSIENT) or i == attempts - 1:
                 raise
             time.sleep(0.25 * 2**i)
+
+
+def _needed_permission(endpoint: str, method: str = "") -> str:
+    """The MLflow permission a refused request to ``endpoint`` needed, by MLflow's basic-auth rules: READ to read,
+    EDIT to create and update (tags, metrics, artifacts, model versions, aliases), MANAGE to delete runs,
+    experiments, models and versions, and to manage permissions."""
+    e = endpoint.lower().split("?", 1)[0].rstrip("/")
+    if "permission" in e or e.endswith("/delete"):
+        return "MANAGE"
+    if method.upper() in ("GET", "HEAD") or any(w in e.rsplit("/", 1)[-1] for w in ("get", "search", "list")):
+        return "READ"
+    return "EDIT"
+
+
+def _run_resource(run_id: str) -> str:
+    """``experiment 'name' (run <id>)`` when the run can still be read, else ``run <id>``."""
+    try:
+        c = client()
+        exp = c.get_experiment(c.get_run(run_id).info.experiment_id)
+        return f"experiment {exp.name!r} (run {run_id})"
+    except Exception:  # noqa: BLE001 - not readable either: name the run alone
+        return f"run {run_id}"
+
+
+def access_denied(exc: BaseException, resource: str = "") -> Exception | None:
+    """An :class:`~pnc.errors.AccessDenied` for an MLflow request refused with HTTP 401 or 403, else None."""
+    import re
+
+    text = str(exc)
+    code = str(getattr(exc, "error_code", "") or "")
+    status = re.search(r"error code (\d{3})", text) or re.search(r"\b(\d{3}) Client Error", text)
+    status_code = status.group(1) if status else ""
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED") and status_code not in ("401", "403"):
+        return None
+    user = tracking_user()
+    who = f"user {user!r}" if user else "no user (neither MLFLOW_TRACKING_USERNAME nor ~/.mlflow/credentials is set)"
+    if code == "UNAUTHENTICATED" or status_code == "401":
+        return AccessDenied(f"the MLflow server {tracking_uri()} refused {who}: unknown user or wrong password "
+                            "(HTTP 401). Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                            "~/.mlflow/credentials (docs/team.md)")
+    m = re.search(r"endpoint (\S+)", text) or re.search(r"for url: (\S+?)\.?(?:\s|$)", text)
+    endpoint = m.group(1) if m else "a request"
+    if endpoint.startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        endpoint = urlsplit(endpoint).path
+    request = getattr(exc, "request", None)
+    method = getattr(request, "method", "") or ""
+    what = resource or f"the resource of {endpoint}"
+    if what.startswith("run ") and " " not in what[4:]:
+        what = _run_resource(what[4:])
+    return AccessDenied(f"MLflow {who} lacks {_needed_permission(endpoint, method)} permission on {what}: the server "
+                        f"{tracking_uri()} refused {endpoint} (HTTP 403). Ask its admin to grant it "
+                        "(docs/team.md, 'Accounts and permissions')")
 
 
 # Untracked files here are what pnc and DVC write (data, reports, results), not code: they leave the tree clean.
@@ -231,19 +330,34 @@ def experiment_id(name: str, description: str | None = None) -> str:
     """The experiment ``name`` (created, or restored when deleted), tagged as a model-training experiment
     (:data:`EXPERIMENT_TAGS`) and, when given, with its ``description``."""
     c = client()
-    exp = retrying(lambda: c.get_experiment_by_name(name))
+    res = f"experiment {name!r}"
+    exp = retrying(lambda: c.get_experiment_by_name(name), resource=res)
     tags = {**EXPERIMENT_TAGS, **({TAG_NOTE: description} if description else {})}
     if exp is None:
         try:
-            return retrying(lambda: c.create_experiment(name, artifact_location=artifact_location(), tags=tags))
+            exp_id = retrying(lambda: c.create_experiment(name, artifact_location=artifact_location(), tags=tags),
+                              resource=res)
+            _EXPERIMENTS[exp_id] = name
+            return exp_id
+        except AccessDenied:
+            raise
         except Exception:  # noqa: BLE001 - a concurrent process created it first
-            exp = retrying(lambda: c.get_experiment_by_name(name))
+            exp = retrying(lambda: c.get_experiment_by_name(name), resource=res)
     if exp.lifecycle_stage == "deleted":
-        retrying(lambda: c.restore_experiment(exp.experiment_id))
+        retrying(lambda: c.restore_experiment(exp.experiment_id), resource=res)
     for k, v in tags.items():
         if exp.tags.get(k) != v:
-            retrying(lambda k=k, v=v: c.set_experiment_tag(exp.experiment_id, k, v))
+            retrying(lambda k=k, v=v: c.set_experiment_tag(exp.experiment_id, k, v), resource=res)
+    _EXPERIMENTS[exp.experiment_id] = name
     return exp.experiment_id
+
+
+_EXPERIMENTS: dict[str, str] = {}  # experiment id -> name, for messages
+
+
+def _experiment(exp_id: str) -> str:
+    """An experiment, as messages name it."""
+    return f"experiment {_EXPERIMENTS[exp_id]!r}" if exp_id in _EXPERIMENTS else f"experiment {exp_id}"
 
 
 def ui_links(base: str) -> list[tuple[str, str]]:
@@ -267,7 +381,7 @@ def context_tags(tags: dict[str, str]) -> dict[str, str]:
 def _search(exp_id: str, filter_string: str, max_results: int = 1000) -> list:
     c = client()
     return retrying(lambda: c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
-                                           order_by=["attributes.start_time DESC"]))
+                                          order_by=["attributes.start_time DESC"]), resource=_experiment(exp_id))
 
 
 _PARENT_SETTLE_S = 2.0  # longer than any create_run takes to commit
@@ -307,7 +421,8 @@ def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     mine = None
     try:
         if not runs:
-            run = retrying(lambda: c.create_run(exp_id, run_name=study, tags=context_tags({TAG_STUDY: study, TAG_ROLE: "study", **tags})))
+            run = retrying(lambda: c.create_run(exp_id, run_name=study, tags=context_tags({TAG_STUDY: study, TAG_ROLE: "study", **tags})),
+                           resource=_experiment(exp_id))
             mine = run.info.run_id
         if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
             time.sleep(_PARENT_SETTLE_S)
@@ -318,7 +433,7 @@ def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
         raise
     run_id = runs[0].info.run_id if runs else mine
     if mine is not None and mine != run_id:
-        retrying(lambda: c.delete_run(mine))
+        retrying(lambda: c.delete_run(mine), resource=f"run {mine}")
     log_tags(run_id, tags)
     return run_id
 
@@ -337,10 +452,10 @@ def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
                 TAG_STUDY: cell.study, **tags}
     if reuse is not None:
         run_id = reuse.info.run_id
-        retrying(lambda: c.update_run(run_id, status="RUNNING"))
+        retrying(lambda: c.update_run(run_id, status="RUNNING"), resource=f"run {run_id}")
         log_tags(run_id, all_tags)
         return run_id
-    run = retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=context_tags(all_tags)))
+    run = retrying(lambda: c.create_run(exp_id, run_name=run_name or cell.name, tags=context_tags(all_tags)), resource=_experiment(exp_id))
     return run.info.run_id
 
 
@@ -450,7 +565,7 @@ def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
     winner = min(live, key=lambda r: (r.info.start_time or 0, r.info.run_id)) if live else None
     if winner is None or winner.data.tags.get(TAG_OWNER) != me:
         if reuse is None:
-            retrying(lambda: client().delete_run(run_id))
+            retrying(lambda: client().delete_run(run_id), resource=f"run {run_id}")
         return Claim("busy", winner.info.run_id if winner else run_id,
                      holder=winner.data.tags.get(TAG_OWNER, "?") if winner else "another process")
     _heartbeat(run_id)
@@ -485,11 +600,11 @@ def _stop_heartbeat(run_id: str) -> None:
 
 def get_run(run_id: str) -> Any:
     """A run, read with the store's retries."""
-    return retrying(lambda: client().get_run(run_id))
+    return retrying(lambda: client().get_run(run_id), resource=f"run {run_id}")
 
 
 def delete_tag(run_id: str, key: str) -> None:
-    retrying(lambda: client().delete_tag(run_id, key))
+    retrying(lambda: client().delete_tag(run_id, key), resource=f"run {run_id}")
 
 
 def busy_message(claim: Claim) -> str:
@@ -502,7 +617,7 @@ def log_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     items = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, len(items), 90):
-        retrying(lambda i=i: c.log_batch(run_id, tags=items[i:i + 90]))
+        retrying(lambda i=i: c.log_batch(run_id, tags=items[i:i + 90]), resource=f"run {run_id}")
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -510,10 +625,10 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     c = client()
-    have = retrying(lambda: c.get_run(run_id)).data.params
+    have = retrying(lambda: c.get_run(run_id), resource=f"run {run_id}").data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if have.get(k) != str(v)[:6000]]
     for i in range(0, len(items), 90):
-        retrying(lambda i=i: c.log_batch(run_id, params=items[i:i + 90]))
+        retrying(lambda i=i: c.log_batch(run_id, params=items[i:i + 90]), resource=f"run {run_id}")
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -523,7 +638,7 @@ def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
     for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]), resource=f"run {run_id}")
 
 
 def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
@@ -541,7 +656,7 @@ def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
                 continue
             items.append(Metric(key, float(v), ts, layer))
     for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]))
+        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]), resource=f"run {run_id}")
 
 
 def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
@@ -558,12 +673,14 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
         return
     for attempt in range(6):
         try:
-            retrying(lambda: c.log_inputs(run_id, datasets=items))
+            retrying(lambda: c.log_inputs(run_id, datasets=items), resource=f"run {run_id}")
             return
         except Exception as e:  # noqa: BLE001
             # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
             # insert; the loser succeeds on retry, when the dataset row exists and is only linked.
-            if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e) or attempt == 5:
+            # (SQLite: 'UNIQUE constraint failed'; PostgreSQL: 'duplicate key value violates unique constraint')
+            if not any(t in str(e) for t in ("UNIQUE constraint", "IntegrityError", "duplicate key", "UniqueViolation")) \
+                    or attempt == 5:
                 raise
             time.sleep(0.2 * (attempt + 1))
 
@@ -574,7 +691,7 @@ def log_json_artifact(run_id: str, name: str, obj: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="pnc-artifact-") as d:
         path = Path(d) / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        retrying(lambda: c.log_artifact(run_id, str(path)))
+        retrying(lambda: c.log_artifact(run_id, str(path)), resource=f"run {run_id}")
 
 
 def log_matrix_artifacts(run_id: str, matrices: dict[str, Any], modules: list[str]) -> list[str]:
@@ -595,17 +712,17 @@ def log_matrix_artifacts(run_id: str, matrices: dict[str, Any], modules: list[st
 
 def log_figure(run_id: str, figure: Any, name: str) -> None:
     """A matplotlib figure as the image artifact ``name`` of ``run_id`` (shown on the run page)."""
-    retrying(lambda: client().log_figure(run_id, figure, name))
+    retrying(lambda: client().log_figure(run_id, figure, name), resource=f"run {run_id}")
 
 
 def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:
     """Every file of ``folder`` under ``artifact_path`` of ``run_id``."""
-    retrying(lambda: client().log_artifacts(run_id, str(folder), artifact_path))
+    retrying(lambda: client().log_artifacts(run_id, str(folder), artifact_path), resource=f"run {run_id}")
 
 
 def find_study_parent(experiment: str, study: str) -> str | None:
     """The study's parent run (the canonical one, see :func:`study_parent`), or None."""
-    exp = retrying(lambda: client().get_experiment_by_name(experiment))
+    exp = retrying(lambda: client().get_experiment_by_name(experiment), resource=f"experiment {experiment!r}")
     runs = _study_parents(exp.experiment_id, study) if exp is not None else []
     return runs[0].info.run_id if runs else None
 
@@ -613,7 +730,7 @@ def find_study_parent(experiment: str, study: str) -> str | None:
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _stop_heartbeat(run_id)
     c = client()
-    retrying(lambda: c.set_terminated(run_id, status=status))
+    retrying(lambda: c.set_terminated(run_id, status=status), resource=f"run {run_id}")
 
 
 def layer_history(run_id: str, key: str) -> list[float]:
@@ -644,5 +761,5 @@ def log_model_input(run_id: str, mv: Any) -> None:
 
     model_id = registered_model_id(mv)
     if model_id:
-        retrying(lambda: client().log_inputs(run_id, models=[LoggedModelInput(model_id)]))
+        retrying(lambda: client().log_inputs(run_id, models=[LoggedModelInput(model_id)]), resource=f"run {run_id}")
     log_tags(run_id, {"pnc.registered_model": mv.name, "pnc.registered_version": mv.version})

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from .. import catalog
 from ..catalog import TRAIN_FRACTION, model_order
 from ..cells import Cell
-from ..errors import did_you_mean
+from ..errors import PncError, did_you_mean
 from ..spec import SpecBlock, StudySpecBase, no_duplicates, strings_of
 from .base import StudyKind, model_cells
 
@@ -213,6 +213,8 @@ class DomainTransfer(StudyKind):
                 try:
                     example = np.zeros((1, spec.dataset.info.channels, spec.dataset.size, spec.dataset.size), dtype=np.float32)
                     box["mv"] = modelstore.register(net, att.run_id, name, vtags, cell.source, example=example)
+                except PncError:  # e.g. the server refused it (a permission missing): said as it is, exit 1
+                    raise
                 except Exception as e:
                     raise RuntimeError(f"registering the model failed: {e}") from e
                 print(f"  trained in {time.time() - t0:.0f}s (train acc {result.acc:.4f}); registered {name} "
