@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--set", "train.epochs=1", "--set", "models=[resnet8, resnet14]"]
-LAYERS = {"resnet8": 3 + 1, "resnet14": 6 + 1}  # residual blocks + penultimate
+LAYERS = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the last block (merged into penultimate)
 
 
 def env_for(db: Path) -> dict:
