@@ -294,6 +294,16 @@ class MeasureSpec(SpecBlock):
         default_factory=lambda: list(REGISTRY.defaults()), min_length=1)
     nc1_dim_cap: int = Field(DEFAULTS.nc1_dim_cap, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
     batch_size: int = Field(256, ge=1, le=1_000_000)
+    epochs: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="Training studies: epochs at which every tapped layer is also measured during training (0 = at "
+                    "initialisation; at most train.epochs; the final epoch is always measured). Stored per run as "
+                    "layer_metrics.parquet (see README, 'Collapse during training').")
+
+    @field_validator("epochs")
+    @classmethod
+    def _unique_epochs(cls, v: list[int]) -> list[int]:
+        return no_duplicates(v)
 
     @field_validator("layers")
     @classmethod
@@ -451,7 +461,21 @@ def semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
         if m.uri and kind.trains:
             out.append((("models", i, "uri"), f"a {kind.name} study trains its networks; a logged model (uri) is measured by a "
                                               f"{' or '.join(kinds_where('measures_given'))} study"))
-    return out + kind.rules(spec)
+    return out + snapshot_epoch_problems(spec, kind) + kind.rules(spec)
+
+
+def snapshot_epoch_problems(spec: Any, kind: Any) -> list[tuple[tuple, str]]:
+    """``measure.epochs``: only where networks are trained, each at most ``train.epochs``."""
+    measure, train = getattr(spec, "measure", None), getattr(spec, "train", None)
+    epochs = getattr(measure, "epochs", None) or []
+    if epochs and not kind.trains:
+        return [(("measure", "epochs"), f"a {kind.name} study measures given networks and trains none: measure.epochs "
+                                        f"applies to {' and '.join(kinds_where('trains'))} studies; remove it")]
+    if train is None:
+        return []
+    return [(("measure", "epochs", i), f"epoch {e} is beyond train.epochs ({train.epochs}); the final epoch "
+                                       f"({train.epochs}) is always measured")
+            for i, e in enumerate(epochs) if e > train.epochs]
 
 
 def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
@@ -492,7 +516,14 @@ def _partial_spec(data: dict) -> Any | None:
         probe = ProbeSpec.model_validate(data.get("probe") if data.get("probe") is not None else {})
     except ValidationError:
         probe = ProbeSpec()
-    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **KINDS.get(data["kind"]).partial(data))
+    blocks = {}
+    for key, block in (("train", TrainSpec), ("measure", MeasureSpec)):  # for measure.epochs vs train.epochs
+        try:
+            blocks[key] = block.model_validate(data.get(key) if data.get(key) is not None else {})
+        except ValidationError:
+            pass
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **blocks,
+                           **KINDS.get(data["kind"]).partial(data))
 
 
 # ----------------------------------------------------------------------------- YAML with positions
