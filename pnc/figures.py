@@ -184,14 +184,20 @@ def epoch_heatmap(d: pd.DataFrame, title: str, log: bool, boundary: float | None
 
     d = d.assign(shown=np.log10(d.value.where(d.value > 0)) if log else d.value)
     enc = dict(x=alt.X("layer:O", title="layer (tapped block)"), y=alt.Y("epoch:O", title="epoch", sort="descending"))
+    scale = alt.Scale(scheme="viridis")
+    if boundary is not None:  # diverging around the boundary, symmetric: above it red, below blue
+        mid = float(np.log10(boundary)) if log else boundary
+        half = max(float(np.nanmax(np.abs(d.shown - mid))) if d.shown.notna().any() else 0.0, 0.05)
+        scale = alt.Scale(scheme="redblue", reverse=True, domain=[mid - half, mid + half])
     chart = alt.Chart(d).mark_rect().encode(
-        **enc, color=alt.Color("shown:Q", title="log10" if log else "value",
-                               scale=alt.Scale(scheme="redblue", domainMid=float(np.log10(boundary)) if log else boundary)
-                               if boundary is not None else alt.Scale(scheme="viridis")),
+        **enc, color=alt.Color("shown:Q", title="log10" if log else "value", scale=scale),
         tooltip=["epoch", "layer", "module", alt.Tooltip("value:Q", format=".4g")],
     ).properties(title=title, width=width, height=max(60, 18 * d.epoch.nunique()))
-    if boundary is not None:
-        chart = chart + alt.Chart(d[d.value > boundary]).mark_rect(fillOpacity=0, stroke="black", strokeWidth=1.5).encode(**enc)
+    if boundary is not None:  # above the boundary beyond rounding (the rule of pnc.metrics.collapse.memorization_layers)
+        from .metrics.collapse import ROUNDING_TOL
+
+        above = d[d.value > boundary * (1.0 + ROUNDING_TOL)]
+        chart = chart + alt.Chart(above).mark_rect(fillOpacity=0, stroke="black", strokeWidth=1.5).encode(**enc)
     return chart
 
 

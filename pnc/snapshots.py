@@ -306,7 +306,10 @@ def report_sections(spec: Any, folder: Path, selection: Any, curve_key: str, dyn
         md = d[(d.metric == m_metric) & (d.split == m_split)]
         if not md.empty:
             mem.append(epoch_heatmap(md, f"{label}: memorization ratio", log=True, boundary=1.0))
-    rows = lambda charts: alt.vconcat(*[alt.hconcat(*charts[i:i + 3]) for i in range(0, len(charts), 3)])  # noqa: E731
+    def rows(charts: list) -> Any:  # three per row, each with its own colour scale
+        return alt.vconcat(*[alt.hconcat(*charts[i:i + 3]).resolve_scale(color="independent")
+                             for i in range(0, len(charts), 3)]).resolve_scale(color="independent")
+
     if heat:
         save(rows(heat), folder, "dynamics_cdnv")
         sections.append(("Collapse during training: log10 CDNV by epoch and layer", figure("dynamics_cdnv")))

@@ -111,10 +111,8 @@ class DepthSweep(StudyKind):
 
     def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
         """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""
-        from .. import tracking
+        from .. import snapshots, tracking
         from ..figures import layer_figure
-
-        from .. import snapshots
 
         main = study.main
         snaps = snapshots.make(study.spec, lambda m: self.measure_cell(study, m, data)) if self.trains else None
