@@ -35,7 +35,7 @@ def _env(d: Path) -> dict:
     return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{d / 'mlflow.db'}", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def _pnc(d: Path, *args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+def _pnc(d: Path, *args: str, torchrun: bool = False, sets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     pre = [sys.executable]
     if torchrun:
         import socket
@@ -44,7 +44,7 @@ def _pnc(d: Path, *args: str, torchrun: bool = False) -> subprocess.CompletedPro
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         pre += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    return subprocess.run([*pre, "-m", "pnc.cli", "run", "specs/digits_depth.yaml", *SETS, *args], cwd=d, env=_env(d),
+    return subprocess.run([*pre, "-m", "pnc.cli", "run", "specs/digits_depth.yaml", *SETS, *sets, *args], cwd=d, env=_env(d),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -231,18 +231,29 @@ def test_kill_9_and_resume_gives_the_same_table(straight: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_table_of_one(straight: Path, tmp_path: Path) -> None:
-    """Within the tolerances tests/test_resume_distributed.py uses for 2-process training (BatchNorm normalises each
-    process's half batch on its own: CDNV rel 0.12, NC2 rel 0.05); at initialisation the networks are the same."""
-    d = _project(tmp_path, "two")
-    r = _pnc(d, torchrun=True)
+def test_two_processes_give_the_table_of_one(tmp_path: Path) -> None:
+    """A network without BatchNorm (tests/snapshot_net.py), as tests/test_train_distributed.py trains one: 1 and 2
+    processes follow the same path up to float rounding, so their tables agree: to rounding at initialisation, within
+    about its tolerance (rel 1e-5 on the weights after 2 epochs there) after the first epoch, and the rounding's
+    growth after that stays far below any collapse effect. (With BatchNorm each process normalises its half batch on its
+    own; the tables then drift apart as training does: measured with resnet8 here, CDNV up to 19% at epoch 3.)"""
+    plain = ("--set", f"models=[{{name: plain, factory: '{ROOT / 'tests' / 'snapshot_net.py'}:plain'}}]",
+             "--set", "measure.layers=['1', '3', penultimate]")
+    one, two = _project(tmp_path, "one"), _project(tmp_path, "two")
+    r = _pnc(one, sets=plain)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _table(d), _table(straight)
+    r = _pnc(two, torchrun=True, sets=plain)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _table(two), _table(one)
     assert a[["epoch", "layer", "module", "metric", "split"]].equals(b[["epoch", "layer", "module", "metric", "split"]])
-    for (epoch, metric), rel in [((e, m), 1e-5 if e == 0 else {"cdnv": 0.12, "nc2": 0.05}[m])
-                                 for e in [*EPOCHS, 5] for m in ("cdnv", "nc2")]:
-        sel = (a.epoch == epoch) & (a.metric == metric)
-        assert a[sel].value.tolist() == pytest.approx(b[sel].value.tolist(), rel=rel), (epoch, metric)
+    assert sorted(a.epoch.unique()) == [*EPOCHS, 5] and sorted(a.module.unique()) == ["1", "3", "penultimate"]
+    at_init = a.epoch == 0
+    assert a[at_init].value.tolist() == pytest.approx(b[at_init].value.tolist(), rel=1e-12)
+    # float rounding (a global batch's gradient summed in two parts) grows as training goes on; measured: relative
+    # differences 1e-15 at epoch 0, 8.6e-6 at epoch 1, 1.4e-4 at epochs 3 and 5
+    for epoch, rel in ((1, 1e-5 * 2), (3, 1e-3), (5, 1e-3)):
+        sel = a.epoch == epoch
+        assert a[sel].value.tolist() == pytest.approx(b[sel].value.tolist(), rel=rel), f"epoch {epoch}"
 
 
 @pytest.mark.parametrize("epochs, where, message", [
@@ -295,7 +306,8 @@ def test_analyses_over_time() -> None:
     assert analysis.first_crossings([0, 2, 5], ratios, 1e-9) == [5, 2, None]
     flat = [1.0] * 12
     shaped = list(np.exp(np.concatenate([np.linspace(2, 0, 4), np.full(4, 0.0) + [0, 0.001, -0.001, 0], np.linspace(-0.5, -3, 4)])))
+    assert analysis.detect_transition(shaped).found and not analysis.detect_transition(flat).found
     onset = analysis.transition_onset([0, 1, 2, 3], [flat, shaped, flat, shaped])
-    assert onset.found == [analysis.detect_transition(c).found for c in (flat, shaped, flat, shaped)]
-    if onset.found[1]:
-        assert onset.first_found == 1 and onset.stable_from == 3
+    assert onset.found == [False, True, False, True]
+    assert onset.first_found == 1 and onset.stable_from == 3, "found at 1, lost at 2, found from 3 on"
+    assert analysis.transition_onset([0, 5], [shaped, flat]).stable_from is None
