@@ -894,7 +894,30 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
     if overrides and not isinstance(doc, dict):
         validate_document(doc, file)  # an empty or non-mapping document: its own message, before any override
     applied = apply_overrides(doc, overrides) if overrides else {}
+    fit_snapshots_to_override(doc, applied)
     return validate_document(doc, file, applied)
+
+
+def fit_snapshots_to_override(doc: Any, applied: dict[tuple, str]) -> None:
+    """A quick try with ``--set train.epochs=N`` on a spec that lists ``measure.epochs`` for its full training:
+    the snapshot epochs beyond N are left out (with a note on stderr) instead of failing validation. Only when
+    ``train.epochs`` comes from ``--set`` and ``measure.epochs`` from the file; in the file itself, or both set
+    together, an epoch beyond ``train.epochs`` is an error."""
+    import sys
+
+    if ("train", "epochs") not in applied or any(loc[:2] == ("measure", "epochs") or loc == ("measure",) for loc in applied):
+        return
+    train, measure = doc.get("train"), doc.get("measure")
+    epochs = measure.get("epochs") if isinstance(measure, dict) else None
+    last = train.get("epochs") if isinstance(train, dict) else None
+    if not isinstance(epochs, list) or not isinstance(last, int) or isinstance(last, bool):
+        return
+    beyond = [e for e in epochs if isinstance(e, int) and not isinstance(e, bool) and e > last]
+    if beyond:
+        for e in beyond:
+            epochs.remove(e)
+        print(f"note: --set {applied[('train', 'epochs')]}: measure.epochs {', '.join(map(str, beyond))} left out "
+              f"(beyond the {last} epochs trained; the final epoch is always measured)", file=sys.stderr)
 
 
 def spec_digest(spec: Any) -> str:

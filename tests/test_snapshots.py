@@ -311,3 +311,17 @@ def test_analyses_over_time() -> None:
     assert onset.found == [False, True, False, True]
     assert onset.first_found == 1 and onset.stable_from == 3, "found at 1, lost at 2, found from 3 on"
     assert analysis.transition_onset([0, 5], [shaped, flat]).stable_from is None
+
+
+def test_a_shorter_training_by_override_leaves_out_the_later_snapshots(tmp_path: Path, capsys) -> None:
+    from pnc.errors import SpecError
+    from pnc.spec import load_spec
+
+    spec = load_spec(ROOT / "specs" / "digits_noise.yaml", ["train.epochs=3"])
+    assert spec.measure.epochs == [0, 2] and "measure.epochs 5, 10, 20, 40 left out" in capsys.readouterr().err
+    with pytest.raises(SpecError, match="epoch 5 is beyond train.epochs"):  # both given: the user's own list
+        load_spec(ROOT / "specs" / "digits_noise.yaml", ["train.epochs=3", "measure.epochs=[0, 5]"])
+    f = tmp_path / "s.yaml"
+    f.write_text((ROOT / "specs" / "digits_noise.yaml").read_text().replace("epochs: 60", "epochs: 30"))
+    with pytest.raises(SpecError, match="epoch 40 is beyond train.epochs"):  # in the file itself
+        load_spec(f)
