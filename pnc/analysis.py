@@ -560,3 +560,49 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
         row["p"] = float(pv) if row["rho"] == row["rho"] else math.nan
         row["p_note"] = "one model per source: nothing to permute" if single and row["rho"] == row["rho"] else ""
     return TransferCorrelation(rel.tolist(), layers, pooled, per_target, level, n_boot, seed, n_perm)
+
+
+# ----------------------------------------------------------------------------- collapse over training time
+def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float], level: float) -> int | None:
+    """The first of ``epochs`` (ascending) whose value is at least ``level`` (NaN never is); None when none is."""
+    for e, v in zip(epochs, values):
+        if v == v and v >= level:
+            return int(e)
+    return None
+
+
+@dataclass
+class TransitionOnset:
+    """When the transition forms during training: ``first_found`` is the first measured epoch at which
+    :func:`detect_transition` finds it in that epoch's CDNV curve, ``stable_from`` the first measured epoch from
+    which it is found at every later measured epoch too (None: not at the last one). ``found``: per epoch."""
+
+    epochs: list[int]
+    found: list[bool]
+    first_found: int | None
+    stable_from: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def transition_onset(epochs: Sequence[int], curves: Sequence[Sequence[float]]) -> TransitionOnset:
+    """:class:`TransitionOnset` of per-epoch CDNV curves (``epochs`` ascending, one curve each)."""
+    found = [detect_transition(c).found for c in curves]
+    first = next((int(e) for e, f in zip(epochs, found) if f), None)
+    stable = None
+    for e, f in zip(reversed(list(epochs)), reversed(found)):
+        if not f:
+            break
+        stable = int(e)
+    return TransitionOnset([int(e) for e in epochs], found, first, stable)
+
+
+def first_crossings(epochs: Sequence[int], ratios: Sequence[Sequence[float]], tol: float) -> list[int | None]:
+    """Per layer, the first of ``epochs`` (ascending; ``ratios`` is epochs x layers) at which the memorization ratio
+    exceeds ``1 + tol`` (the rule of :func:`pnc.metrics.collapse.memorization_layers`); None when it never does."""
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] != len(epochs):
+        raise ValueError(f"first_crossings: {len(epochs)} epochs vs ratios of shape {r.shape}")
+    above = r > 1.0 + tol  # NaN compares False
+    return [int(epochs[int(np.argmax(above[:, j]))]) if above[:, j].any() else None for j in range(r.shape[1])]

@@ -59,6 +59,8 @@ class Cell:
         is measured: a transfer study whose probes or targets change reuses its registered source models."""
         cfg = json.loads(self.config)
         keep = {k: cfg[k] for k in ("kind", "dataset", "model", "train", "source", "train_fraction", "noise") if k in cfg}
+        if cfg.get("measure", {}).get("epochs"):  # snapshots are taken while training: other epochs, another training run
+            keep["snapshot_epochs"] = cfg["measure"]["epochs"]
         return hashlib.sha256(canonical(keep).encode()).hexdigest()[:12]
 
     @property
@@ -88,7 +90,9 @@ def base_config(spec: Any, model: ModelSpec) -> dict:
         "dataset": {k: v for k, v in d["dataset"].items() if not (k == "splits" and v is None)},  # ids kept from before splits
         "model": model.config() | ({"factory_digest": file_digest(factory_file(model.factory))} if model.factory else {}),
         "train": d["train"],
-        "measure": {k: v for k, v in d["measure"].items() if k != "keep_features_bytes"},  # a memory budget: same numbers
+        # measure.epochs enters the id only when set: ids of studies without snapshots are kept from before it;
+        # keep_features_bytes is a memory budget: it changes no number
+        "measure": {k: v for k, v in d["measure"].items() if not (k == "epochs" and not v) and k != "keep_features_bytes"},
         "probe": d["probe"],
         "measurement": catalog.MEASUREMENT_VERSION,
     }

@@ -198,8 +198,9 @@ def log_layers(run_id: str, names: Any) -> None:
         tracking.log_tags(run_id, {TAG_MERGED_TAPS: ", ".join(f"{a} -> {b}" for a, b in merged.items())})
 
 
-def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None):
-    """Build and train the cell's model (resuming from its checkpoint). Returns (model, TrainResult, checkpoint)."""
+def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None, snapshots=None):
+    """Build and train the cell's model (resuming from its checkpoint; measured at ``snapshots``' epochs, see
+    :mod:`pnc.snapshots`). Returns (model, TrainResult, checkpoint)."""
     from .data.torchdata import ImageDataset, make_augment
     from .train import seed_everything, train
 
@@ -209,7 +210,7 @@ def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None
                             augment=make_augment(spec.train.augmentation, spec.train.seed))
     ckpt = checkpoint_path(spec, cell)
     result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
-                   progress=progress, desc=cell.name, extra_state={"run_id": run_id})
+                   progress=progress, desc=cell.name, extra_state={"run_id": run_id}, snapshots=snapshots)
     if accelerator.is_main_process:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
         tracking.log_tags(run_id, {tracking.TAG_PRECISION: result.precision})
     return model, result, ckpt

@@ -254,3 +254,43 @@ def render_index(out: Path) -> Path:
     os.replace(tmp, path)
     return path
 
+
+
+def epoch_heatmap(d: pd.DataFrame, title: str, log: bool, boundary: float | None = None, width: int = 220):
+    """An epoch x layer heatmap of one run's values of one metric (rows: ``layer_metrics.parquet``'s; log10 colour
+    when ``log``); with ``boundary`` the cells above it are outlined, so where the value crosses it (Delta = 1) reads
+    off by epoch and layer."""
+    import altair as alt
+    import numpy as np
+
+    d = d.assign(shown=np.log10(d.value.where(d.value > 0)) if log else d.value)
+    enc = dict(x=alt.X("layer:O", title="layer (tapped block)"), y=alt.Y("epoch:O", title="epoch", sort="descending"))
+    scale = alt.Scale(scheme="viridis")
+    if boundary is not None:  # diverging around the boundary, symmetric: above it red, below blue
+        mid = float(np.log10(boundary)) if log else boundary
+        half = max(float(np.nanmax(np.abs(d.shown - mid))) if d.shown.notna().any() else 0.0, 0.05)
+        scale = alt.Scale(scheme="redblue", reverse=True, domain=[mid - half, mid + half])
+    chart = alt.Chart(d).mark_rect().encode(
+        **enc, color=alt.Color("shown:Q", title="log10" if log else "value", scale=scale),
+        tooltip=["epoch", "layer", "module", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(title=title, width=width, height=max(60, 18 * d.epoch.nunique()))
+    if boundary is not None:  # above the boundary beyond rounding (the rule of pnc.metrics.collapse.memorization_layers)
+        from .metrics.collapse import ROUNDING_TOL
+
+        above = d[d.value > boundary * (1.0 + ROUNDING_TOL)]
+        chart = chart + alt.Chart(above).mark_rect(fillOpacity=0, stroke="black", strokeWidth=1.5).encode(**enc)
+    return chart
+
+
+def epoch_curves(d: pd.DataFrame, title: str, log: bool, width: int = 220):
+    """One run's per-layer curves of one metric, one line per measured epoch (light to dark as training goes on)."""
+    import altair as alt
+
+    if log:
+        d = d[d.value > 0]
+    return alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=14)).encode(
+        x=alt.X("layer:Q", title="layer (tapped block)", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("value:Q", title=title.split(": ")[-1], scale=alt.Scale(type="log") if log else alt.Undefined),
+        color=alt.Color("epoch:O", scale=alt.Scale(scheme="viridis"), title="epoch"),
+        tooltip=["epoch", "layer", "module", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(title=title, width=width, height=150)

@@ -301,6 +301,16 @@ class MeasureSpec(SpecBlock):
                                                         "pooled features from the first pass, so ncc_acc/train needs no "
                                                         "second pass; 0: always a second pass.")
     batch_size: int = Field(256, ge=1, le=1_000_000)
+    epochs: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="Training studies: epochs at which every tapped layer is also measured during training (0 = at "
+                    "initialisation; at most train.epochs; the final epoch is always measured). Stored per run as "
+                    "layer_metrics.parquet (see README, 'Collapse during training').")
+
+    @field_validator("epochs")
+    @classmethod
+    def _unique_epochs(cls, v: list[int]) -> list[int]:
+        return no_duplicates(v)
 
     @field_validator("layers")
     @classmethod
@@ -458,7 +468,21 @@ def semantic_problems(spec: Any) -> list[tuple[tuple, str]]:
         if m.uri and kind.trains:
             out.append((("models", i, "uri"), f"a {kind.name} study trains its networks; a logged model (uri) is measured by a "
                                               f"{' or '.join(kinds_where('measures_given'))} study"))
-    return out + kind.rules(spec)
+    return out + snapshot_epoch_problems(spec, kind) + kind.rules(spec)
+
+
+def snapshot_epoch_problems(spec: Any, kind: Any) -> list[tuple[tuple, str]]:
+    """``measure.epochs``: only where networks are trained, each at most ``train.epochs``."""
+    measure, train = getattr(spec, "measure", None), getattr(spec, "train", None)
+    epochs = getattr(measure, "epochs", None) or []
+    if epochs and not kind.trains:
+        return [(("measure", "epochs"), f"a {kind.name} study measures given networks and trains none: measure.epochs "
+                                        f"applies to {' and '.join(kinds_where('trains'))} studies; remove it")]
+    if train is None:
+        return []
+    return [(("measure", "epochs", i), f"epoch {e} is beyond train.epochs ({train.epochs}); the final epoch "
+                                       f"({train.epochs}) is always measured")
+            for i, e in enumerate(epochs) if e > train.epochs]
 
 
 def _duplicate_model_names(data: dict) -> list[tuple[tuple, str]]:
@@ -499,7 +523,14 @@ def _partial_spec(data: dict) -> Any | None:
         probe = ProbeSpec.model_validate(data.get("probe") if data.get("probe") is not None else {})
     except ValidationError:
         probe = ProbeSpec()
-    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **KINDS.get(data["kind"]).partial(data))
+    blocks = {}
+    for key, block in (("train", TrainSpec), ("measure", MeasureSpec)):  # for measure.epochs vs train.epochs
+        try:
+            blocks[key] = block.model_validate(data.get(key) if data.get(key) is not None else {})
+        except ValidationError:
+            pass
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **blocks,
+                           **KINDS.get(data["kind"]).partial(data))
 
 
 # ----------------------------------------------------------------------------- YAML with positions
@@ -870,7 +901,30 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
     if overrides and not isinstance(doc, dict):
         validate_document(doc, file)  # an empty or non-mapping document: its own message, before any override
     applied = apply_overrides(doc, overrides) if overrides else {}
+    fit_snapshots_to_override(doc, applied)
     return validate_document(doc, file, applied)
+
+
+def fit_snapshots_to_override(doc: Any, applied: dict[tuple, str]) -> None:
+    """A quick try with ``--set train.epochs=N`` on a spec that lists ``measure.epochs`` for its full training:
+    the snapshot epochs beyond N are left out (with a note on stderr) instead of failing validation. Only when
+    ``train.epochs`` comes from ``--set`` and ``measure.epochs`` from the file; in the file itself, or both set
+    together, an epoch beyond ``train.epochs`` is an error."""
+    import sys
+
+    if ("train", "epochs") not in applied or any(loc[:2] == ("measure", "epochs") or loc == ("measure",) for loc in applied):
+        return
+    train, measure = doc.get("train"), doc.get("measure")
+    epochs = measure.get("epochs") if isinstance(measure, dict) else None
+    last = train.get("epochs") if isinstance(train, dict) else None
+    if not isinstance(epochs, list) or not isinstance(last, int) or isinstance(last, bool):
+        return
+    beyond = [e for e in epochs if isinstance(e, int) and not isinstance(e, bool) and e > last]
+    if beyond:
+        for e in beyond:
+            epochs.remove(e)
+        print(f"note: --set {applied[('train', 'epochs')]}: measure.epochs {', '.join(map(str, beyond))} left out "
+              f"(beyond the {last} epochs trained; the final epoch is always measured)", file=sys.stderr)
 
 
 def spec_digest(spec: Any) -> str:

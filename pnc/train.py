@@ -145,14 +145,16 @@ def set_rng_state(state: dict) -> None:
 
 def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any, *, accelerator: Any,
           checkpoint: Path | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
-          progress: bool = True, desc: str = "train", extra_state: dict | None = None) -> TrainResult:
+          progress: bool = True, desc: str = "train", extra_state: dict | None = None,
+          snapshots: Any = None) -> TrainResult:
     """Train ``model`` in place for ``tspec.epochs`` epochs, resuming from ``checkpoint`` when present.
 
     On N processes each process trains on its part of every global batch of ``tspec.batch_size`` samples
     (:class:`~pnc.data.torchdata.ShardedBatches`): every sample once per epoch, no padding; ``train/loss`` and
     ``train/acc`` count real samples only. The divergence check reduces the epoch's largest batch loss over all
     processes, so all of them raise the same TrainingError together. The checkpoint holds the model, the
-    optimizer, the gradient scaler (fp16) and every process's RNG states."""
+    optimizer, the gradient scaler (fp16) and every process's RNG states. ``snapshots`` (:class:`pnc.snapshots.Snapshots`): measured at
+    its epochs (0 before the first step, e after e epochs), kept in the checkpoint and taken back on resume."""
     from torch.utils.data import DataLoader
 
     from .data.torchdata import ShardedBatches, WeightedKeys
@@ -180,6 +182,10 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
         if state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    if snapshots is not None:
+        snapshots.load(state.get("snapshots") if state is not None else None)
+        if start == 0:
+            snapshots.at(0, model)  # at initialisation
     loss_v, acc_v = float("nan"), float("nan")
     if start >= tspec.epochs and state is not None:
         loss_v, acc_v = state.get("loss", float("nan")), state.get("acc", float("nan"))
@@ -228,6 +234,8 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
         if on_epoch is not None and accelerator.is_main_process:
             on_epoch(epoch, loss_v, acc_v)
         bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
+        if snapshots is not None:
+            snapshots.at(epoch + 1, model)  # before the checkpoint, which keeps it
         if checkpoint is not None:
             rngs = [rng_state()]
             if world > 1:
@@ -239,6 +247,7 @@ def train(model: torch.nn.Module, dataset: torch.utils.data.Dataset, tspec: Any,
                               "optimizer": optimizer.state_dict(),
                               "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                               "epoch": epoch, "loss": loss_v, "acc": acc_v, "rng": rngs, "world": world,
+                              **({"snapshots": snapshots.state()} if snapshots is not None else {}),
                               **(extra_state or {})}, checkpoint)
         accelerator.wait_for_everyone()
     bar.close()

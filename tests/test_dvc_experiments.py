@@ -86,7 +86,7 @@ def test_dvc_exp_run_set_param_records_the_study_in_the_project_store(tmp_path: 
 
     assert not (repo / "mlflow.db").exists()
     run(dvc, "exp", "run", "--temp", "--name", "two-epochs", "-S", f"{SPEC}:train.epochs=2",
-        "-S", f"{SPEC}:models=[resnet8]", "depth@digits_depth")
+        "-S", f"{SPEC}:measure.epochs=[0,1]", "-S", f"{SPEC}:models=[resnet8]", "depth@digits_depth")
     rows = json.loads(run(dvc, "exp", "show", "--json"))
     exps = [r for row in rows for e in (row.get("experiments") or []) for r in e["revs"]]
     (exp,) = [r for r in exps if r["name"] == "two-epochs"]

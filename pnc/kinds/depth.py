@@ -31,6 +31,7 @@ class DepthSweep(StudyKind):
     params_key = "depth_studies"
     headline_keys = ("train/final_acc", "test/acc")
     ncc_train = True  # ncc_acc/train: a second pass over the training split with the finished class means
+    by_noise = False  # whether its cells differ by noise setting (names of the analyses over time, report labels)
 
     def expand(self, spec: Any) -> list:
         return model_cells(spec)
@@ -94,8 +95,9 @@ class DepthSweep(StudyKind):
     def log_origin(self, run_id: str, origin: dict[str, str]) -> None:
         """Record where a given network came from (its input model); trained networks have nothing to record."""
 
-    def network(self, study: Any, cell: Any, data: Any, run_id: str) -> tuple[Any, Any]:
-        """(the cell's network, its TrainResult): trained here, resuming from its checkpoint."""
+    def network(self, study: Any, cell: Any, data: Any, run_id: str, snapshots: Any = None) -> tuple[Any, Any]:
+        """(the cell's network, its TrainResult): trained here, resuming from its checkpoint, measured at the
+        ``snapshots``' epochs on the way (:mod:`pnc.snapshots`)."""
         from .. import tracking
         from ..engine import train_cell
 
@@ -103,21 +105,25 @@ class DepthSweep(StudyKind):
             tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
 
         model, result, _ = train_cell(study.spec, cell, data, accelerator=study.accelerator, run_id=run_id,
-                                      progress=study.progress, on_epoch=on_epoch if study.main else None)
+                                      progress=study.progress, on_epoch=on_epoch if study.main else None,
+                                      snapshots=snapshots)
         return model, result
 
     def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
         """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""
-        from .. import tracking
+        from .. import snapshots, tracking
         from ..engine import log_layers
         from ..figures import layer_figure
         from ..metrics.geometry import REGISTRY
 
         main = study.main
-        model, result = self.network(study, cell, data, run_id)
+        snaps = snapshots.make(study.spec, lambda m: self.measure_cell(study, m, data)) if self.trains else None
+        model, result = self.network(study, cell, data, run_id, **({"snapshots": snaps} if snaps else {}))
         how: dict[str, Any] = {}
         results, names, accs = self.measure_cell(study, model, data, info=how)
         results, matrices = REGISTRY.split(results)  # matrix metrics (cdnv_matrix): an artifact, not curves
+        if snaps is not None and main:  # the table, its final epoch being the curves logged below
+            snapshots.record(run_id, snaps, results, names, accs)
         summary = {"train_final_acc": accs.get("train"), "test_acc": accs.get("test"),
                    **({"train_acc": result.acc, "epochs": result.epochs, "resumed_from": result.resumed_from} if result else {}),
                    **{f"{r}_acc": accs.get(r) for r in data.extra_eval}}
@@ -203,7 +209,15 @@ class DepthSweep(StudyKind):
             tags["pnc.efficient_depth"] = (f"transition: {e.transition_depth}, validation: {e.validation_depth}, "
                                            f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
         out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
-        return out
+        return self.over_time(spec, sel, out)
+
+    def over_time(self, spec: Any, selection: Any, out: dict) -> dict:
+        """``out`` with the analyses over training time added (:func:`pnc.snapshots.time_analyses`)."""
+        from .. import snapshots
+
+        if not self.trains:
+            return out
+        return snapshots.merge(out, snapshots.time_analyses(spec, selection, self.curve_key, by_noise=self.by_noise))
 
     def family_panels(self, spec: Any, folder: Path, selection: Any, shown: set[str], order: list[str]) -> list[tuple[str, str]]:
         """A figure per metric family (variability, geometry, duality, agreement) of the other registry metrics the
@@ -263,7 +277,13 @@ class DepthSweep(StudyKind):
                     f"validation half of the test split picks: <b>{e['validation_depth']}</b>; holdout test accuracy given up by "
                     f"the intrinsic choice: <b>{fmt(e['cost'])}</b>.</p>")
             sections.append(("Efficient depth", text + table(pd.DataFrame(e["per_depth"]))))
-        return sections
+        return sections + self.report_over_time(spec, folder, selection, det)
+
+    def report_over_time(self, spec: Any, folder: Path, selection: Any, details: dict) -> list[tuple[str, str]]:
+        """Heatmaps, overlaid curves and analyses over training time (:func:`pnc.snapshots.report_sections`)."""
+        from .. import snapshots
+
+        return snapshots.report_sections(spec, folder, selection, self.curve_key, details.get("dynamics"), by_noise=self.by_noise)
 
 
 KIND = DepthSweep()

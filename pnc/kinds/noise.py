@@ -155,6 +155,7 @@ class NoiseSweep(DepthSweep):
     params_key = "noise_studies"
     ncc_train = False
     curve_key = "cdnv/train_noisy"
+    by_noise = True
 
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
         out: list[tuple[tuple, str]] = []
@@ -333,7 +334,7 @@ class NoiseSweep(DepthSweep):
         out["details"]["noise_maps"] = maps
         if skipped:
             out["details"]["noise_map_skipped"] = skipped
-        return out
+        return self.over_time(spec, sel, out)
 
     def headline(self, spec: Any, analyses: dict, selection: Any = None) -> dict[str, float]:
         """Final accuracies, the noise maps' errors and slopes, and per cell the number of memorization layers."""
@@ -460,7 +461,8 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
                         "train/clean_input_acc", "test/acc", "pnc.memorization_layers"] if c in runs]
     if cols:
         sections.append(("Memorization layers and final accuracies per cell", table(runs[cols])))
-    maps = kind.analyses(spec, sel)["details"].get("noise_maps")
+    details = kind.analyses(spec, sel)["details"]
+    maps = details.get("noise_maps")
     if maps:
         def levels(v: dict) -> str:
             names = v.get("settings") or [""] * len(v["levels"])
@@ -474,7 +476,7 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
                           "<p>Label noise is measured by each cell's realised fraction of changed training labels "
                           "(<code>noise/realized_rate</code>; human label sets included), input corruption by its severity. "
                           "The error is leave-one-level-out, in the same units.</p>" + table(t)))
-    return sections
+    return sections + kind.report_over_time(spec, folder, sel, details)
 
 
 

@@ -176,7 +176,7 @@ class DomainTransfer(StudyKind):
 
     def train_source(self, study: Any, cell: Cell, src: Any, digest: str, name: str, prefix: str) -> tuple:
         """Train the cell's network on its source and register it: (status, run id, model version, reason)."""
-        from .. import modelstore, tracking
+        from .. import modelstore, snapshots, tracking
         from ..engine import cell_params, cell_tags, checkpoint_path, log_params_once, train_cell
         from ..spec import spec_digest
 
@@ -203,8 +203,13 @@ class DomainTransfer(StudyKind):
             def on_epoch(epoch: int, loss: float, acc: float) -> None:
                 tracking.log_metrics(att.run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
 
+            snaps = snapshots.make(spec, snapshots.source_measure(spec, src, study))
             model, result, _ = train_cell(spec, cell, src, accelerator=study.accelerator, run_id=att.run_id,
-                                          progress=study.progress, on_epoch=on_epoch if main else None)
+                                          progress=study.progress, on_epoch=on_epoch if main else None, snapshots=snaps)
+            if snaps is not None:  # the final epoch's snapshot on the source (every process: a collective)
+                results, names, accs = snaps.measure(model)
+                if main:
+                    snapshots.record(att.run_id, snaps, results, names, accs)
             if main:
                 net = study.accelerator.unwrap_model(model)
                 tracking.log_metrics(att.run_id, {"train/last_epoch_acc": result.acc, "train/last_epoch_loss": result.loss})
