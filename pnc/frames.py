@@ -34,7 +34,11 @@ def noise_key(tag: Any) -> tuple:
 
 def spec_cells(spec: Any, role: str = "cell") -> dict[str, str]:
     """{run's cell id: name} of the runs of ``role`` that a spec's cells make (its kind's ``runs_of``)."""
-    return {cid: name for cid, r, name in KINDS.get(spec.kind).runs_of(expand(spec)) if r == role}
+    cells = expand(spec)
+    out = {cid: name for cid, r, name in KINDS.get(spec.kind).runs_of(cells) if r == role}
+    if not out and role == "cell":  # a kind whose cell runs log no curves (a transfer study's sources): the cells
+        out = {c.id: c.name for c in cells}
+    return out
 
 
 def _newest(runs: list, key) -> list:

@@ -198,7 +198,8 @@ def snapshot_frame(spec: Any, selection: Any) -> pd.DataFrame:
         if t is None or t.empty:
             continue
         frames.append(t.assign(run_id=r.run_id, cell=r.get(tracking.TAG_CELL_NAME, ""), model=r.get("pnc.model", ""),
-                               depth=int(r.get("pnc.depth", 0) or 0), noise=r.get("pnc.noise", "clean") or "clean"))
+                               depth=int(r.get("pnc.depth", 0) or 0), noise=r.get("pnc.noise", "clean") or "clean",
+                               source=r.get("source", "") or ""))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -228,7 +229,7 @@ def cell_dynamics(table: pd.DataFrame, train_acc: list[float], curve_key: str) -
     return out
 
 
-def time_analyses(spec: Any, selection: Any, curve_key: str, by_noise: bool = False) -> dict:
+def time_analyses(spec: Any, selection: Any, curve_key: str, by_noise: bool = False, by_source: bool = False) -> dict:
     """The study's analyses over time for its parent run: per cell with a table, :func:`cell_dynamics` as
     metrics (``dynamics/<model>[/<noise>]/...``), a tag ``pnc.dynamics.<model>[.<noise>]``, per-layer curves of
     the first Delta > 1 epoch (step = layer) and details; empty when no run has snapshots."""
@@ -240,7 +241,7 @@ def time_analyses(spec: Any, selection: Any, curve_key: str, by_noise: bool = Fa
         return out
     for run_id, d in df.groupby("run_id", sort=False):
         model, noise = d.model.iloc[0], d.noise.iloc[0]
-        name = f"{model}/{noise}" if by_noise else model
+        name = f"{model}/{noise}" if by_noise else f"{model}/{d.source.iloc[0]}" if by_source else model
         dyn = cell_dynamics(d, tracking.layer_history(run_id, "train/acc"), curve_key)
         out["details"].setdefault("dynamics", {})[name] = dyn
         key, words = f"dynamics/{name}", []
@@ -278,7 +279,7 @@ def merge(into: dict, extra: dict) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def report_sections(spec: Any, folder: Path, selection: Any, curve_key: str, dynamics: dict | None = None,
-                    by_noise: bool = False) -> list[tuple[str, str]]:
+                    by_noise: bool = False, by_source: bool = False) -> list[tuple[str, str]]:
     """The report's sections over time: per model (per noise cell in a noise study) an epoch x layer heatmap of
     log10 CDNV, the memorization ratio's heatmap with the Delta = 1 boundary, the per-layer curves at the
     measured epochs overlaid, and the analyses over time as a table; none when no run has snapshots."""
@@ -296,12 +297,12 @@ def report_sections(spec: Any, folder: Path, selection: Any, curve_key: str, dyn
     metric, split = curve_key.split("/", 1)
     m_metric, m_split = MEM_KEY.split("/", 1)
     sections = []
-    cells = df.drop_duplicates("run_id").sort_values(["depth", "noise"])
+    cells = df.drop_duplicates("run_id").sort_values(["depth", "noise", "source"])
     heat, mem, lines = [], [], []
     for _, c in cells.iterrows():
         d = df[df.run_id == c.run_id]
 
-        label = f"{c.model} {c.noise}" if by_noise else c.model
+        label = f"{c.model} {c.noise}" if by_noise else f"{c.model} on {c.source}" if by_source else c.model
         cd = d[(d.metric == metric) & (d.split == split)]
         if not cd.empty:
             heat.append(epoch_heatmap(cd, f"{label}: log10 CDNV ({split})", log=True))

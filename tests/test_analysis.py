@@ -169,7 +169,7 @@ def _points(frame: pd.DataFrame) -> pd.DataFrame:
 def _transfer_spec(sources, targets, seed: int = 7) -> SimpleNamespace:
     return SimpleNamespace(name="tr", kind="domain_transfer", experiment="tr", description="",
                            transfer=SimpleNamespace(sources=list(sources), targets=list(targets)), train=SimpleNamespace(seed=seed),
-                           measure=SimpleNamespace(metrics=["cdnv", "nc1", "nc2", "ncc", "probe"]))  # the default selection
+                           measure=SimpleNamespace(metrics=["cdnv", "nc1", "nc2", "ncc", "probe"], epochs=[]))  # the default selection
 
 
 def _digits_like() -> dict:
@@ -320,7 +320,7 @@ def test_noise_map_for_human_label_sets_uses_the_realised_rate(monkeypatch) -> N
                                  ("gaussian_noise:2", "gaussian_noise", "2", None), ("gaussian_noise:4", "gaussian_noise", "4", None)])
     monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: frame)
     monkeypatch.setattr(frames, "run_frame", lambda *a, **k: runs)
-    spec = SimpleNamespace(name="n", kind="noise_sweep", experiment="n")
+    spec = SimpleNamespace(name="n", kind="noise_sweep", experiment="n", measure=SimpleNamespace(epochs=[]))
     s = report.study_summary(spec)
     human = s["details"]["noise_maps"]["r18/human"]
     assert human["levels"] == pytest.approx([0.0, 0.09, 0.17, 0.40])
@@ -340,7 +340,7 @@ def test_human_label_set_without_a_realised_rate_is_left_out_and_said(monkeypatc
     frame, runs = _noise_frames([("clean", "clean", "0", None), ("human:aggre", "human", "aggre", None)])
     monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: frame)
     monkeypatch.setattr(frames, "run_frame", lambda *a, **k: runs)
-    s = report.study_summary(SimpleNamespace(name="n", kind="noise_sweep", experiment="n"))
+    s = report.study_summary(SimpleNamespace(name="n", kind="noise_sweep", experiment="n", measure=SimpleNamespace(epochs=[])))
     assert s["details"]["noise_maps"] == {}
     assert any("human:aggre" in x for x in s["details"]["noise_map_skipped"])
 

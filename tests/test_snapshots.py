@@ -189,7 +189,7 @@ def test_snapshot_equals_recomputation_from_the_checkpoint_of_its_epoch(tmp_path
     for epoch, net in ((0, fresh()), (1, at_one)):
         s = snaps.taken[epoch]
         feats = _reference_features(net, split, s["names"])
-        assert len(s["names"]) == 4
+        assert s["names"] == ["layer1.0", "layer2.0", "penultimate"]  # layer3.0's pooled output is the head's input
         want_cdnv = [ref.cdnv(f, y, 4) for f in feats]
         want_nc2 = [ref.nc2(f, y, 4) for f in feats]
         assert s["results"]["cdnv/train"] == pytest.approx(want_cdnv, rel=1e-5), epoch
@@ -246,7 +246,7 @@ def test_two_processes_give_the_table_of_one(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _table(two), _table(one)
     assert a[["epoch", "layer", "module", "metric", "split"]].equals(b[["epoch", "layer", "module", "metric", "split"]])
-    assert sorted(a.epoch.unique()) == [*EPOCHS, 5] and sorted(a.module.unique()) == ["1", "3", "penultimate"]
+    assert sorted(a.epoch.unique()) == [*EPOCHS, 5] and sorted(a.module.unique()) == ["1", "penultimate"]  # '3' pooled is the head's input
     at_init = a.epoch == 0
     assert a[at_init].value.tolist() == pytest.approx(b[at_init].value.tolist(), rel=1e-12)
     # float rounding (a global batch's gradient summed in two parts) grows as training goes on; measured: relative
@@ -325,3 +325,32 @@ def test_a_shorter_training_by_override_leaves_out_the_later_snapshots(tmp_path:
     f.write_text((ROOT / "specs" / "digits_noise.yaml").read_text().replace("epochs: 60", "epochs: 30"))
     with pytest.raises(SpecError, match="epoch 40 is beyond train.epochs"):  # in the file itself
         load_spec(f)
+
+
+@pytest.mark.slow
+def test_transfer_source_training_takes_snapshots_and_the_report_shows_them(tmp_path: Path) -> None:
+    """A transfer study's source training: its table in the source cell run, the analyses over time in the parent
+    run (one name per model and source) and the over-time sections in the report."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    d = _project(tmp_path, "transfer")
+    sets = ["--set", "models=[resnet8]", "--set", "dataset.image_size=8", "--set", "train.epochs=2",
+            "--set", "transfer.sources=[handwritten]", "--set", "transfer.targets=[typeset]",
+            "--set", "measure.metrics=[cdnv, nc2]", "--set", "measure.epochs=[0, 1]"]
+    r = subprocess.run([sys.executable, "-m", "pnc.cli", "run", "specs/digits_transfer.yaml", *sets], cwd=d, env=_env(d),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("digits_transfer")
+    runs = c.search_runs([exp.experiment_id])
+    (source,) = [x for x in runs if x.data.tags.get("pnc.role") == "cell"]
+    table = pd.read_parquet(c.download_artifacts(source.info.run_id, "layer_metrics.parquet", str(d)))
+    assert sorted(table.epoch.unique()) == [0, 1, 2] and set(table.metric) == {"cdnv", "nc2"}
+    (parent,) = [x for x in runs if x.data.tags.get("pnc.role") == "study"]
+    assert "pnc.dynamics.resnet8.handwritten" in parent.data.tags, sorted(parent.data.tags)
+    rep = subprocess.run([sys.executable, "-m", "pnc.cli", "report", "specs/digits_transfer.yaml", *sets], cwd=d,
+                         env=_env(d), capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    page = (d / "reports" / "digits_transfer" / "index.html").read_text()
+    assert "Collapse during training" in page and "When the pattern forms" in page

@@ -32,6 +32,7 @@ from .base import StudyKind, model_cells
 KEYS = [("cdnv/target", "CDNV (target)", True), ("nc2/target", "NC2 (target)", False),
         ("probe_acc/target_test", "probe accuracy (target test)", False)]
 TAG_TRAIN_KEY = "pnc.train_key"
+SOURCE_CURVE = "cdnv/train"  # the source training's own collapse curve, in its snapshot table
 ROLE = "transfer"  # the role of the (source, target) sub-runs
 
 
@@ -343,11 +344,19 @@ class DomainTransfer(StudyKind):
             else:
                 tags["pnc.transfer_correlation"] = f"final layer: no rho ({last['note']})"
         curves = corr.curves()
-        return {"metrics": {k: float(v) for k, v in metrics.items()}, "tags": tags, "curves": curves,
-                "details": {"transfer_correlation": curves, "transfer": corr.as_dict()}}
+        out = {"metrics": {k: float(v) for k, v in metrics.items()}, "tags": tags, "curves": curves,
+               "details": {"transfer_correlation": curves, "transfer": corr.as_dict()}}
+        from .. import snapshots
+
+        # the source trainings' snapshots (measure.epochs): when collapse forms on each source, as in a depth sweep
+        return snapshots.merge(out, snapshots.time_analyses(spec, sel, SOURCE_CURVE, by_source=True))
 
     def report(self, spec: Any, folder: Path, selection: Any) -> list[tuple[str, str]]:
-        return render_transfer(self, spec, folder, selection)
+        from .. import snapshots
+
+        sections = render_transfer(self, spec, folder, selection)
+        dynamics = snapshots.time_analyses(spec, selection, SOURCE_CURVE, by_source=True)["details"].get("dynamics")
+        return sections + snapshots.report_sections(spec, folder, selection, SOURCE_CURVE, dynamics, by_source=True)
 
 
 def render_transfer(kind: DomainTransfer, spec: Any, folder: Path, sel: Any = None) -> list[tuple[str, str]]:
