@@ -3,6 +3,8 @@
 * :func:`detect_transition` - the "initial decline, plateau, renewed decline" shape of a CDNV curve
   (paper sec. 4.1), by a segmented least-squares fit of log CDNV against relative depth, with a
   Monte Carlo p-value against transition-free fits (confidence = 1 - p).
+* :func:`collapse_by_stage` - how much of the decline of log CDNV happens inside each stage of a network and
+  across each stage boundary (downsampling block), and each stage's slope per block.
 * :func:`efficient_depth` - the smallest depth whose curve shows the transition, next to the depth a
   validation split picks, and the test-accuracy cost of choosing the former.
 * :func:`fit_noise_map` / :func:`estimate_noise` - a calibrated map from the intermediate-layer CDNV
@@ -175,6 +177,77 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
         return Transition(False, conf, reason=f"a plateau-shaped fit is not significantly better than a transition-free one "
                                               f"(Monte Carlo p = {p:.3g} > {alpha:g})", p_value=p, **out)
     return Transition(True, conf, p_value=p, **out)
+
+
+# ----------------------------------------------------------------------------- where collapse happens
+HEAD = "head"  # the part of a curve after the last stage: the pooled classifier input ("penultimate")
+
+
+@dataclass
+class StageCollapse:
+    """Result of :func:`collapse_by_stage` on one curve.
+
+    ``total_decline``: log CDNV at the first tap minus at the last (natural log; > 0 when CDNV falls).
+    ``parts``: in depth order, one dict per stage (``kind`` "stage": the steps between consecutive taps of that
+    stage) and per boundary between two stages (``kind`` "boundary": the one step from a stage's last tap to the
+    next stage's first tap, i.e. across the next stage's first, downsampling, block), with ``name``, ``decline``
+    (log units) and ``share`` (decline / total_decline; the shares sum to 1, a rise is a negative share; None when
+    the curve does not decline overall). A stage also has ``taps`` (how many), ``blocks`` (steps inside it) and
+    ``slope_per_block``: the least-squares slope of log CDNV against block index over its taps. A stage of one tap
+    has no steps inside it and no part of its own (only its boundaries).
+    """
+
+    total_decline: float
+    parts: list[dict]
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def share(self, name: str) -> float | None:
+        return next((p["share"] for p in self.parts if p["name"] == name), None)
+
+
+def collapse_by_stage(cdnv: Sequence[float], stages: Sequence[Any]) -> StageCollapse:
+    """Split the decline of log CDNV from the first tap to the last into what happens inside each stage and what
+    happens across each stage boundary (paper sec. 3: "earlier layers learn universal features, the last few
+    task-specific ones", made measurable).
+
+    ``stages``: the stage label of each tap (any hashable: the model's own stage names or indices, as
+    :func:`pnc.features.stage_name` gives them; ``HEAD`` for the pooled classifier input). Taps of one stage must
+    be consecutive. Every step between consecutive taps belongs to exactly one part (its stage when both taps are
+    in it, else the boundary between their stages), so the parts' declines add up to the total exactly.
+    """
+    y_raw = np.asarray(cdnv, dtype=np.float64)
+    labels = list(stages)
+    if len(labels) != len(y_raw):
+        raise ValueError(f"{len(y_raw)} CDNV values but {len(labels)} stage labels")
+    if len(y_raw) < 2:
+        raise ValueError("a curve of fewer than 2 taps has no decline to split")
+    runs = [labels[0]] + [b for a, b in zip(labels, labels[1:]) if b != a]
+    if len(set(runs)) != len(runs):
+        raise ValueError(f"the taps of a stage must be consecutive, got stages {labels}")
+    if not np.all(np.isfinite(y_raw)) or np.any(y_raw <= 0):
+        return StageCollapse(math.nan, [], reason="curve has non-positive or non-finite values")
+    y = np.log(y_raw)
+    total = float(y[0] - y[-1])
+    share = (lambda d: d / total) if total > 0 else (lambda d: None)
+    parts: list[dict] = []
+    start = 0
+    for k in range(1, len(y) + 1):
+        if k < len(y) and labels[k] == labels[start]:
+            continue
+        seg = y[start:k]  # one stage's taps
+        d = float(seg[0] - seg[-1])
+        if len(seg) > 1:  # a one-tap stage (the head; each tap under ``measure.layers: stages``) has no steps inside
+            slope = float(np.polyfit(np.arange(len(seg), dtype=np.float64), seg, 1)[0])
+            parts.append({"kind": "stage", "name": str(labels[start]), "taps": len(seg), "blocks": len(seg) - 1,
+                          "decline": d, "share": share(d), "slope_per_block": slope})
+        if k < len(y):
+            d = float(y[k - 1] - y[k])
+            parts.append({"kind": "boundary", "name": f"{labels[start]}-{labels[k]}", "decline": d, "share": share(d)})
+        start = k
+    return StageCollapse(total, parts, reason="" if total > 0 else "CDNV does not decline from the first tap to the last")
 
 
 # ----------------------------------------------------------------------------- efficient depth

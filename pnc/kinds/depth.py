@@ -5,6 +5,7 @@ depth whose curve shows the transition, next to the depth a validation split pic
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,38 @@ from typing import Any, Literal
 from ..catalog import model_order
 from ..spec import StudySpecBase
 from .base import CellData, StudyKind, model_cells
+
+CURVE_KEY = "cdnv/train"  # the curve whose collapse the analyses locate
+STAGE_KEY = "layer/stage"  # per-layer metric: the tap's stage, an index into the run's tag STAGES_TAG
+STAGES_TAG = "pnc.stages"  # JSON list of the run's stage names, in depth order
+
+
+def tap_stages(names: list[str], selection: Any) -> list[str]:
+    """The stage of each tap, from the model's own module tree (:func:`pnc.features.stage_name`: ``layer2.1`` ->
+    ``layer2``); with ``measure.layers: stages`` each tap is a stage of its own; the pooled classifier input
+    ("penultimate") is :data:`pnc.analysis.HEAD`."""
+    from ..analysis import HEAD
+    from ..features import PENULTIMATE, stage_name
+
+    return [HEAD if n == PENULTIMATE else (n if selection == "stages" else stage_name(n) or n) for n in names]
+
+
+def metric_name(part: str) -> str:
+    """A stage or boundary name as MLflow allows it in a metric key."""
+    return re.sub(r"[^\w\-. :/]", "_", part)
+
+
+def collapse_metrics(c: Any) -> dict[str, float]:
+    """A :class:`pnc.analysis.StageCollapse` as cell-run metrics: ``collapse/total_decline``,
+    ``collapse/share/<part>`` per stage and boundary, ``collapse/slope_per_block/<stage>``."""
+    out = {"collapse/total_decline": c.total_decline}
+    for p in c.parts:
+        if p["share"] is not None:
+            out[f"collapse/share/{metric_name(p['name'])}"] = p["share"]
+        if p.get("slope_per_block") is not None:
+            out[f"collapse/slope_per_block/{metric_name(p['name'])}"] = p["slope_per_block"]
+    return out
+
 
 KEYS = [("cdnv/train", "CDNV (train)", True), ("nc2/train", "NC2 (train)", False),
         ("probe_acc/test", "probe accuracy (test)", False)]
@@ -132,6 +165,7 @@ class DepthSweep(StudyKind):
                 finals[f"test/{role}_acc"] = accs.get(role)
             tracking.log_metrics(run_id, finals)
             tracking.log_json_artifact(run_id, "layers.json", {str(i): n for i, n in enumerate(names)})
+            self.log_stages(run_id, results, names, study.spec.measure.layers)
             tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
         return summary
@@ -153,6 +187,26 @@ class DepthSweep(StudyKind):
         return measure_model(model, spec, self.datasets(spec, data), accelerator=study.accelerator,
                              num_classes=spec.dataset.info.num_classes, label_names=("train",), progress=study.progress,
                              ncc_train=self.ncc_train)
+
+    def log_stages(self, run_id: str, results: dict, names: list[str], selection: Any) -> None:
+        """The stage of each tap (per-layer metric ``layer/stage``: an index into the run's tag ``pnc.stages``) and
+        where the CDNV curve declines (:func:`pnc.analysis.collapse_by_stage`: metrics ``collapse/...``)."""
+        import json
+
+        from .. import analysis, tracking
+
+        labels = tap_stages(names, selection)
+        order = list(dict.fromkeys(labels))
+        tracking.log_tags(run_id, {STAGES_TAG: json.dumps(order)})
+        tracking.log_layer_metrics(run_id, {STAGE_KEY: [float(order.index(s)) for s in labels]})
+        curve = results.get(CURVE_KEY)
+        if curve is None or len(curve) != len(labels):
+            return
+        try:
+            c = analysis.collapse_by_stage(curve, labels)
+        except ValueError:  # a stage's taps are not consecutive (a pattern selection): no decomposition
+            return
+        tracking.log_metrics(run_id, collapse_metrics(c))
 
     def log_cell_extras(self, study: Any, run_id: str, results: dict, names: list[str], accs: dict, data: Any) -> dict:
         """What a kind logs beyond the per-layer curves and final accuracies; returns summary additions."""
