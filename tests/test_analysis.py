@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pnc.analysis import (
+    HEAD,
+    collapse_by_stage,
     detect_transition,
     efficient_depth,
     estimate_noise,
@@ -367,3 +369,50 @@ def test_transfer_interval_only_with_enough_sources_to_resample(k: int) -> None:
             else:
                 assert row["lo"] <= row["rho"] <= row["hi"] and row["lo"] < row["hi"] and row["note"] == ""
     assert any(not math.isnan(row["rho"]) for row in r.pooled), "rho is given from 3 points"
+
+
+# ----------------------------------------------------------------------------- where collapse happens
+def test_collapse_by_stage_on_a_planted_curve_with_known_shares() -> None:
+    # log CDNV planted tap by tap (natural log): stage a flat then rising by 0.5, boundary a-b falls 2, stage b
+    # falls 1 per block over 3 blocks, boundary b-c falls 1, stage c falls 0.5 per block over 2 blocks, and the
+    # pooled head repeats the last block.
+    logs = [3.0, 3.0, 3.0, 3.5, 1.5, 0.5, -0.5, -1.5, -2.5, -3.0, -3.5, -3.5]
+    labels = ["a"] * 4 + ["b"] * 4 + ["c"] * 3 + [HEAD]
+    total = -0.5 + 2.0 + 3.0 + 1.0 + 1.0  # 6.5
+    c = collapse_by_stage(np.exp(logs), labels)
+    assert c.total_decline == pytest.approx(total, abs=1e-12)
+    assert [p["name"] for p in c.parts] == ["a", "a-b", "b", "b-c", "c", "c-head"]
+    want = {"a": -0.5, "a-b": 2.0, "b": 3.0, "b-c": 1.0, "c": 1.0, "c-head": 0.0}
+    for p in c.parts:
+        assert p["decline"] == pytest.approx(want[p["name"]], abs=1e-12)
+        assert p["share"] == pytest.approx(want[p["name"]] / total, abs=1e-12)
+    assert sum(p["share"] for p in c.parts) == pytest.approx(1.0, abs=1e-12)
+    slopes = {p["name"]: p["slope_per_block"] for p in c.parts if p["kind"] == "stage"}
+    assert slopes["b"] == pytest.approx(-1.0, abs=1e-12) and slopes["c"] == pytest.approx(-0.5, abs=1e-12)
+    # stage a: log values 3, 3, 3, 3.5 at blocks 0..3: least-squares slope 0.15 (by hand: sum (x - 1.5)(y - 3.125) / 5)
+    assert slopes["a"] == pytest.approx(0.75 / 5, abs=1e-12)
+    assert [p["blocks"] for p in c.parts if p["kind"] == "stage"] == [3, 3, 2]
+    assert c.share("a-b") == pytest.approx(2.0 / 6.5)
+
+
+def test_collapse_by_stage_is_scale_invariant_and_uses_only_the_curve_and_labels() -> None:
+    rng = np.random.default_rng(3)
+    curve = np.exp(np.cumsum(-rng.uniform(0, 1, 10)))
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    a, b = collapse_by_stage(curve, labels), collapse_by_stage(7.5 * curve, labels)
+    assert [p["share"] for p in a.parts] == pytest.approx([p["share"] for p in b.parts], abs=1e-12)
+    assert a.total_decline == pytest.approx(float(np.log(curve[0] / curve[-1])), abs=1e-12)
+
+
+def test_collapse_by_stage_without_an_overall_decline_and_bad_input() -> None:
+    c = collapse_by_stage([1.0, 2.0, 3.0, 4.0], ["a", "a", "b", "b"])
+    assert c.total_decline < 0 and all(p["share"] is None for p in c.parts) and "does not decline" in c.reason
+    assert "non-positive" in collapse_by_stage([1.0, 0.0, 0.5], ["a", "a", "b"]).reason
+    with pytest.raises(ValueError, match="consecutive"):
+        collapse_by_stage([3.0, 2.0, 1.0, 0.5], ["a", "b", "a", "b"])
+    with pytest.raises(ValueError, match="stage labels"):
+        collapse_by_stage([3.0, 2.0, 1.0], ["a", "b"])
+    # one tap per stage (measure.layers: stages): only boundaries, each step its own part
+    c = collapse_by_stage([8.0, 4.0, 1.0], ["s1", "s2", "s3"])
+    assert [p["kind"] for p in c.parts] == ["boundary", "boundary"]
+    assert [p["share"] for p in c.parts] == pytest.approx([1 / 3, 2 / 3], rel=1e-12)  # ln 2 and ln 4 of ln 8

@@ -221,8 +221,10 @@ class DepthSweep(StudyKind):
         sel = selection if selection is not None else RunSelection(spec)
         out: dict = {"metrics": {}, "tags": {}, "details": {}, "curves": {}}
         metrics, tags, details = out["metrics"], out["tags"], out["details"]
-        df = layer_frame(spec.experiment, ["cdnv/train"], runs=sel)
+        df = layer_frame(spec.experiment, [CURVE_KEY, STAGE_KEY], runs=sel)
         runs = run_frame(spec.experiment, runs=sel)
+        stages = df[df.metric == STAGE_KEY]
+        df = df[df.metric == CURVE_KEY]
         if df.empty or runs.empty:
             return out
         rows = []
@@ -237,6 +239,10 @@ class DepthSweep(StudyKind):
             details.setdefault("transitions", {})[model] = t.as_dict()
             tags[f"pnc.transition.{model}"] = (f"layers {t.start}-{t.end} (confidence {t.confidence:.2f})" if t.found
                                               else f"none: {t.reason}")
+            c = self.stage_collapse(curve, stages[stages.run_id.isin(set(d.run_id))], r.get(STAGES_TAG))
+            if c is not None:
+                details.setdefault("collapse", {})[model] = c.as_dict()
+                metrics.update({k.replace("collapse/", f"collapse/{model}/", 1): v for k, v in collapse_metrics(c).items()})
             rows.append((int(d.depth.iloc[0]), model, curve, float(r["val/acc"]), float(r["test/holdout_acc"])))
         if rows and self.depth_family([x[1] for x in rows]):
             rows.sort()
@@ -250,6 +256,24 @@ class DepthSweep(StudyKind):
                                            f"cost: {e.cost if e.cost is None else round(e.cost, 4)}")
         out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None}
         return out
+
+    def stage_collapse(self, curve: list[float], stages: Any, names: Any) -> Any:
+        """:func:`pnc.analysis.collapse_by_stage` of one run's curve, its taps' stages read back from the run
+        (per-layer ``layer/stage`` into the tag ``pnc.stages``); None for runs that did not log them."""
+        import json
+
+        from .. import analysis
+
+        if stages.empty or not isinstance(names, str):
+            return None
+        order = json.loads(names)
+        labels = [order[int(v)] for v in stages.sort_values("layer").value]
+        if len(labels) != len(curve):
+            return None
+        try:
+            return analysis.collapse_by_stage(curve, labels)
+        except ValueError:
+            return None
 
     def family_panels(self, spec: Any, folder: Path, selection: Any, shown: set[str], order: list[str]) -> list[tuple[str, str]]:
         """A figure per metric family (variability, geometry, duality, agreement) of the other registry metrics the
@@ -271,6 +295,37 @@ class DepthSweep(StudyKind):
                 save(alt.hconcat(*[curves(df, k, k, log_axis(k), "model", order) for k in present]), folder, f"family_{family}")
                 sections.append((f"{family.capitalize()}: {what}", figure(f"family_{family}")))
         return sections
+
+    def collapse_section(self, collapse: dict, folder: Path, name: str) -> tuple[str, str]:
+        """The report's "where collapse happens" section: a stacked bar per model and the table behind it."""
+        import pandas as pd
+
+        from ..figures import collapse_bars, figure, save, table
+
+        order = model_order(collapse)
+        rows = [{"model": m, "position": i, "part": p["name"], "kind": p["kind"], "share": p["share"],
+                 "decline": p["decline"], "slope_per_block": p.get("slope_per_block"), "blocks": p.get("blocks")}
+                for m in order for i, p in enumerate(collapse[m]["parts"])]
+        df = pd.DataFrame(rows)
+        drawn = df[df.share.notna()]
+        html = ("<p>Per model, the decline of log CDNV (train) from the first tapped block to the pooled classifier "
+                "input, split into what happens between consecutive blocks of one stage (a stage, e.g. <code>layer2"
+                "</code>) and across the step into the next stage (a boundary, e.g. <code>layer1-layer2</code>: the "
+                "next stage's first, downsampling, block; <code>-head</code>: global pooling). Shares add up to 1; a "
+                "negative share is a rise. Slope per block: least-squares slope of log CDNV per block inside the stage."
+                "</p>")
+        if not drawn.empty:
+            save(collapse_bars(drawn, [m for m in order if m in set(drawn.model)], f"{name}: where CDNV declines"),
+                 folder, "collapse_by_stage")
+            html += figure("collapse_by_stage")
+        notes = [f"{m}: {collapse[m]['reason']}" for m in order if collapse[m].get("reason")]
+        html += "".join(f"<p>{n}</p>" for n in notes)
+        wide = df.pivot_table(index="model", columns="part", values="share", sort=False).reindex(order).reset_index()
+        slopes = df[df.kind == "stage"].pivot_table(index="model", columns="part", values="slope_per_block", sort=False)
+        slopes.columns = [f"slope/block {c}" for c in slopes.columns]
+        wide = wide.merge(slopes.reset_index(), on="model", how="left")
+        wide.insert(1, "total decline (log)", [collapse[m]["total_decline"] for m in wide.model])
+        return ("Where collapse happens: share of the CDNV decline per stage and stage boundary", html + table(wide))
 
     def depth_family(self, models: list[str]) -> bool:
         """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
@@ -313,6 +368,8 @@ class DepthSweep(StudyKind):
                                "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"])}
                               for m in model_order(det["transitions"])])
             sections.append(("Transition phase (segmented fit of log CDNV; see README)", table(t)))
+        if det.get("collapse"):
+            sections.append(self.collapse_section(det["collapse"], folder, spec.name))
         if det.get("efficient_depth"):
             e = det["efficient_depth"]
             text = (f"<p>Smallest depth whose CDNV curve shows the transition: <b>{e['transition_depth']}</b>; depth the "
