@@ -416,3 +416,47 @@ def test_collapse_by_stage_without_an_overall_decline_and_bad_input() -> None:
     c = collapse_by_stage([8.0, 4.0, 1.0], ["s1", "s2", "s3"])
     assert [p["kind"] for p in c.parts] == ["boundary", "boundary"]
     assert [p["share"] for p in c.parts] == pytest.approx([1 / 3, 2 / 3], rel=1e-12)  # ln 2 and ln 4 of ln 8
+
+
+def staged(n: int, stages: list[tuple[float, float]], noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """exp of a log CDNV curve planted stage by stage: per stage (step into it, change along its n taps), then a
+    pooled head repeating the last tap; seeded Gaussian noise on the taps."""
+    y, level = [], 0.0
+    for step, along in stages:
+        level += step
+        y += list(level + along * np.arange(n) / (n - 1))
+        level = y[-1]
+    y = np.array(y) + np.random.default_rng(seed).normal(0, noise, len(y))
+    return np.exp(np.append(y, y[-1]))
+
+
+@pytest.mark.parametrize("n", [5, 9, 18])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_plateau_between_downsampling_steps_is_found_after_a_rising_first_stage(n: int, seed: int) -> None:
+    """Stage 1 rises (+0.5), the step into stage 2 falls 1.5, stage 2 is flat, the step into stage 3 falls 1, stage 3
+    falls 1.5: a reader sees decline, plateau (stage 2), decline; the fitted segments' own slopes are +, 0, -."""
+    c = staged(n, [(0.0, 0.5), (-1.5, 0.0), (-1.0, -1.5)], noise=0.05, seed=seed)
+    t = detect_transition(c)
+    assert t.found, t.reason
+    assert abs(t.start - n) <= 1 and abs(t.end - (2 * n - 1)) <= 1  # the plateau is stage 2 (taps n .. 2n-1)
+    assert t.phases[0] > 0.5 and t.phases[2] > 1.5 and abs(t.phases[1]) < 0.3
+    assert t.confidence >= 0.99
+
+
+@pytest.mark.parametrize("n", [5, 9, 18])
+def test_flat_then_decline_is_not_a_transition_and_says_why(n: int) -> None:
+    """No initial decline: stages 1 and 2 flat, then one decline. A plateau, but not the paper's three phases."""
+    for seed in range(3):
+        t = detect_transition(staged(n, [(0.0, 0.0), (0.0, 0.0), (-1.0, -3.0)], noise=0.05, seed=seed))
+        assert not t.found and t.reason, t
+
+
+def test_phases_are_the_fitted_falls_before_along_and_after_the_plateau() -> None:
+    # noise-free: log CDNV falls 0.5 per tap over 5 taps, steps down 1 onto a plateau of 5 taps, steps down 1 and
+    # falls 0.5 per tap over the last 5
+    y = np.concatenate([-0.5 * np.arange(5), np.full(5, -3.0), -4.0 - 0.5 * np.arange(5)])
+    t = detect_transition(np.exp(y))
+    assert t.found and (t.start, t.end) == (5, 9)
+    # before: first point (0) to the plateau's first (-3); along: 0; after: the plateau's last (-3) to the last (-6)
+    assert t.phases == pytest.approx([3.0, 0.0, 3.0], abs=1e-9)
+    assert t.slopes == pytest.approx([-0.5 * 14, 0.0, -0.5 * 14], abs=1e-9)  # per unit relative depth: 14 steps
