@@ -364,8 +364,10 @@ class DepthSweep(StudyKind):
             sections.append(("Final accuracies per model", table(runs[cols])))
         det = self.analyses(spec, selection)["details"]
         if det.get("transitions"):
-            t = pd.DataFrame([{"model": m, **{k: v for k, v in det["transitions"][m].items() if k != "slopes"},
-                               "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"])}
+            t = pd.DataFrame([{"model": m, **{k: v for k, v in det["transitions"][m].items() if k not in ("slopes", "phases")},
+                               "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"]),
+                               "fall before / along / after plateau (log CDNV)":
+                                   ", ".join(f"{s:.2f}" for s in det["transitions"][m].get("phases") or [])}
                               for m in model_order(det["transitions"])])
             sections.append(("Transition phase (segmented fit of log CDNV; see README)", table(t)))
         if det.get("collapse"):
