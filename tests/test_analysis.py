@@ -460,3 +460,28 @@ def test_phases_are_the_fitted_falls_before_along_and_after_the_plateau() -> Non
     # before: first point (0) to the plateau's first (-3); along: 0; after: the plateau's last (-3) to the last (-6)
     assert t.phases == pytest.approx([3.0, 0.0, 3.0], abs=1e-9)
     assert t.slopes == pytest.approx([-0.5 * 14, 0.0, -0.5 * 14], abs=1e-9)  # per unit relative depth: 14 steps
+
+
+def test_tap_stages_and_collapse_read_back_from_a_run() -> None:
+    """Stages come from the model's module tree (layer2.1 -> layer2), the head is its own; a run's per-layer stage
+    indices and its pnc.stages tag give back the same decomposition; metric keys are ones MLflow accepts."""
+    import json
+    import re
+
+    from pnc.kinds.depth import DepthSweep, collapse_metrics, tap_stages
+
+    names = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "penultimate"]
+    labels = tap_stages(names, "blocks")
+    assert labels == ["layer1", "layer1", "layer2", "layer2", "layer3", "layer3", HEAD]
+    assert tap_stages(["layer1", "layer2", "penultimate"], "stages") == ["layer1", "layer2", HEAD]
+    assert tap_stages(["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"], "blocks") == ["layers.0"] * 2 + ["layers.1"]
+    curve = np.exp([2.0, 2.1, 1.0, 0.9, 0.2, -0.3, -0.3])
+    order = list(dict.fromkeys(labels))
+    stages = pd.DataFrame({"layer": range(7), "value": [float(order.index(s)) for s in labels]}).iloc[::-1]  # any row order
+    c = DepthSweep().stage_collapse(list(curve), stages, json.dumps(order))
+    assert [p["name"] for p in c.parts] == ["layer1", "layer1-layer2", "layer2", "layer2-layer3", "layer3", "layer3-head"]
+    assert c.share("layer1-layer2") == pytest.approx(1.1 / 2.3) and c.share("layer1") == pytest.approx(-0.1 / 2.3)
+    assert DepthSweep().stage_collapse(list(curve), stages.iloc[:0], None) is None  # a run that logged no stages
+    m = collapse_metrics(c)
+    assert m["collapse/share/layer2-layer3"] == pytest.approx(0.7 / 2.3) and m["collapse/slope_per_block/layer3"] == pytest.approx(-0.5)
+    assert all(re.fullmatch(r"[\w\-. :/]+", k) for k in m)
