@@ -57,7 +57,8 @@ def collapse_bars(df: pd.DataFrame, order: list[str], title: str, width: int = 4
     parts, one row per (model, part)."""
     import altair as alt
 
-    parts = df.sort_values("position").drop_duplicates("part").part.tolist()
+    most = df.groupby("model").part.count().idxmax()  # the model with most parts gives the legend its depth order
+    parts = list(dict.fromkeys(df[df.model == most].sort_values("position").part.tolist() + df.part.tolist()))
     bars = alt.Chart(df).mark_bar(stroke="white", strokeWidth=0.5).encode(
         x=alt.X("share:Q", title="share of the total decline of log CDNV (first tap to last)", stack="zero"),
         y=alt.Y("model:N", sort=order, title="model"),
