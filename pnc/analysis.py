@@ -3,6 +3,8 @@
 * :func:`detect_transition` - the "initial decline, plateau, renewed decline" shape of a CDNV curve
   (paper sec. 4.1), by a segmented least-squares fit of log CDNV against relative depth, with a
   Monte Carlo p-value against transition-free fits (confidence = 1 - p).
+* :func:`collapse_by_stage` - how much of the decline of log CDNV happens inside each stage of a network and
+  across each stage boundary (downsampling block), and each stage's slope per block.
 * :func:`efficient_depth` - the smallest depth whose curve shows the transition, next to the depth a
   validation split picks, and the test-accuracy cost of choosing the former.
 * :func:`fit_noise_map` / :func:`estimate_noise` - a calibrated map from the intermediate-layer CDNV
@@ -39,7 +41,9 @@ class Transition:
 
     ``found``: whether the decline-plateau-decline shape is present. ``start``/``end``: first and
     last layer index of the plateau (relative depths in ``start_rel``/``end_rel``). ``slopes``: the
-    three segment slopes of log CDNV per unit relative depth. ``p_value``: Monte Carlo p-value of
+    three segment slopes of log CDNV per unit relative depth. ``phases``: the fall of the fitted log CDNV before the
+    plateau (first point to plateau start, the step into it included), along it, and after it (plateau end to last
+    point, the step out of it included); positive = decline. ``p_value``: Monte Carlo p-value of
     the plateau-shaped fit against the best transition-free (one- or two-piece) fit; ``confidence``
     = 1 - ``p_value`` (0 when the best three-piece fit does not have the shape). ``reason`` says
     why when nothing is found.
@@ -52,6 +56,7 @@ class Transition:
     start_rel: float | None = None
     end_rel: float | None = None
     slopes: list[float] = field(default_factory=list)
+    phases: list[float] = field(default_factory=list)
     reason: str = ""
     p_value: float | None = None
 
@@ -59,11 +64,12 @@ class Transition:
         return asdict(self)
 
 
-def _segment_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _segment_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares lines through every run of consecutive points, for each row of ``y`` (B, n).
 
-    Returns (sse, slope), each (B, n + 1, n + 1): entry [b, a, e] fits points a..e-1 of row b;
-    runs shorter than MIN_SEGMENT hold inf / nan. Prefix sums, so O(B n^2).
+    Returns (sse, slope, first, last), each (B, n + 1, n + 1): entry [b, a, e] fits points a..e-1 of row b;
+    ``first``/``last``: the fitted line's value at x[a] / x[e-1]. Runs shorter than MIN_SEGMENT hold inf / nan.
+    Prefix sums, so O(B n^2).
     """
     b, n = y.shape
     cum = lambda v: np.concatenate([np.zeros(v.shape[:-1] + (1,)), np.cumsum(v, axis=-1)], axis=-1)  # noqa: E731
@@ -78,15 +84,18 @@ def _segment_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     cyy = (Y2[:, e] - Y2[:, a]) - sy * sy / m
     sse = np.full((b, n + 1, n + 1), np.inf)
     slope = np.full((b, n + 1, n + 1), np.nan)
+    first, last = np.full((b, n + 1, n + 1), np.nan), np.full((b, n + 1, n + 1), np.nan)
     sse[:, a, e] = np.maximum(cyy - cxy * cxy / cxx, 0.0)
     slope[:, a, e] = cxy / cxx
-    return sse, slope
+    first[:, a, e] = sy / m + slope[:, a, e] * (x[a] - sx / m)
+    last[:, a, e] = sy / m + slope[:, a, e] * (x[e - 1] - sx / m)
+    return sse, slope, first, last
 
 
 def _three_piece(x: np.ndarray, y: np.ndarray, floor: float, plateau_ratio: float) -> dict:
     """Best one-, two- and three-piece fits of each row of ``y``; the shape test and its statistic."""
     n = y.shape[1]
-    sse, slope = _segment_fits(x, y)
+    sse, slope, first, last = _segment_fits(x, y)
     sse1 = sse[:, 0, n]
     cut2 = np.arange(MIN_SEGMENT, n - MIN_SEGMENT + 1)
     s2 = sse[:, 0, cut2] + sse[:, cut2, n]
@@ -98,13 +107,21 @@ def _three_piece(x: np.ndarray, y: np.ndarray, floor: float, plateau_ratio: floa
     rows = np.arange(y.shape[0])
     i, j = i3[k3], j3[k3]
     slopes = np.stack([slope[rows, 0, i], slope[rows, i, j], slope[rows, j, n]], axis=1)
-    flank = np.minimum(np.abs(slopes[:, 0]), np.abs(slopes[:, 2]))
-    declines = (slopes[:, 0] < 0) & (slopes[:, 2] < 0)
-    flat = np.abs(slopes[:, 1]) < plateau_ratio * flank
+    # The three phases as a reader sees them: the fitted curve's fall from the first point to the plateau's start
+    # (the first segment and the step into the plateau), along the plateau, and from the plateau's end to the last
+    # point (the step out of it and the last segment); per unit of relative depth. Segments are fitted independently,
+    # so a decline that happens in one step between segments (a downsampling block) counts as a decline.
+    p_first, p_last = first[rows, i, j], last[rows, i, j]
+    phases = np.stack([first[rows, 0, i] - p_first, p_first - p_last, p_last - last[rows, j, n]], axis=1)
+    spans = np.stack([x[i] - x[0], x[j - 1] - x[i], x[-1] - x[j - 1]], axis=1)
+    rates = phases / spans
+    flank = np.minimum(rates[:, 0], rates[:, 2])
+    declines = (rates[:, 0] > 0) & (rates[:, 2] > 0)
+    flat = np.abs(rates[:, 1]) < plateau_ratio * flank
     best2 = s2[rows, k2]
     simpler = np.minimum(sse1, best2)
     stat = np.log(np.maximum(simpler, floor)) - np.log(np.maximum(s3[rows, k3], floor))
-    return dict(sse1=sse1, sse2=best2, cut2=cut2[k2], split=(i, j), slopes=slopes, declines=declines, flat=flat,
+    return dict(sse1=sse1, sse2=best2, cut2=cut2[k2], split=(i, j), slopes=slopes, phases=phases, declines=declines, flat=flat,
                 stat=np.where(declines & flat, stat, -np.inf))
 
 
@@ -131,8 +148,12 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
     layers into three contiguous segments of at least MIN_SEGMENT (3) points with an independent
     least-squares line each, and keep the split with the smallest squared error (ties within 1e-12 of
     the total sum of squares: the earliest). Fewer than 9 layers: "too few layers", no transition.
-    The fit has the transition *shape* when both outer segments decline (slope < 0) and the middle
-    one is flat (|slope| below ``plateau_ratio`` x the smaller outer |slope|). Its *evidence* is
+    The fit has the transition *shape* when the fitted curve declines before the middle segment (from its
+    first point to the middle segment's start) and after it (from the middle segment's end to the last point),
+    and the middle segment is flat: its change per unit relative depth is below ``plateau_ratio`` x the smaller of
+    those two declines per unit relative depth. The lines are fitted independently, so a decline may happen
+    inside a segment or in the step between two (a downsampling block that drops CDNV at once, after a first
+    stage where it is flat or rises: a reader calls that a decline too). Its *evidence* is
     T = log(SSE of the best one- or two-piece fit) - log(SSE of the three-piece fit), -inf without
     the shape. A parametric bootstrap gives its p-value: ``n_sim`` curves are simulated from the best
     transition-free fit (one line, or two lines when BIC prefers them) plus Gaussian noise of that
@@ -161,11 +182,15 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
     obs = _three_piece(x, y[None, :], floor, plateau_ratio)
     i, j = (int(v[0]) for v in obs["split"])
     slopes = [float(s) for s in obs["slopes"][0]]
-    out = dict(start=i, end=j - 1, start_rel=float(x[i]), end_rel=float(x[j - 1]), slopes=slopes)
+    out = dict(start=i, end=j - 1, start_rel=float(x[i]), end_rel=float(x[j - 1]), slopes=slopes,
+               phases=[float(v) for v in obs["phases"][0]])
     if not obs["declines"][0]:
-        return Transition(False, 0.0, reason="the curve does not decline both before and after the middle segment", p_value=1.0, **out)
+        return Transition(False, 0.0, reason="the curve does not decline both before and after the middle segment "
+                                             f"(fall of log CDNV before / after: {out['phases'][0]:.2f} / {out['phases'][2]:.2f})", p_value=1.0, **out)
     if not obs["flat"][0]:
-        return Transition(False, 0.0, reason="no plateau: the middle segment declines nearly as fast as its flanks", p_value=1.0, **out)
+        falls = ", ".join(f"{v:.2f}" for v in out["phases"])
+        return Transition(False, 0.0, reason="no plateau: the middle segment declines nearly as fast as its flanks "
+                                             f"(fall of log CDNV before / along / after it: {falls})", p_value=1.0, **out)
     fitted, sigma = _null_fit(x, y, obs, floor)
     sims = fitted[None, :] + sigma * np.random.default_rng(seed).standard_normal((n_sim, n))
     t_sim = _three_piece(x, sims, floor, plateau_ratio)["stat"]
@@ -175,6 +200,77 @@ def detect_transition(cdnv: Sequence[float], *, plateau_ratio: float = PLATEAU_R
         return Transition(False, conf, reason=f"a plateau-shaped fit is not significantly better than a transition-free one "
                                               f"(Monte Carlo p = {p:.3g} > {alpha:g})", p_value=p, **out)
     return Transition(True, conf, p_value=p, **out)
+
+
+# ----------------------------------------------------------------------------- where collapse happens
+HEAD = "head"  # the part of a curve after the last stage: the pooled classifier input ("penultimate")
+
+
+@dataclass
+class StageCollapse:
+    """Result of :func:`collapse_by_stage` on one curve.
+
+    ``total_decline``: log CDNV at the first tap minus at the last (natural log; > 0 when CDNV falls).
+    ``parts``: in depth order, one dict per stage (``kind`` "stage": the steps between consecutive taps of that
+    stage) and per boundary between two stages (``kind`` "boundary": the one step from a stage's last tap to the
+    next stage's first tap, i.e. across the next stage's first, downsampling, block), with ``name``, ``decline``
+    (log units) and ``share`` (decline / total_decline; the shares sum to 1, a rise is a negative share; None when
+    the curve does not decline overall). A stage also has ``taps`` (how many), ``blocks`` (steps inside it) and
+    ``slope_per_block``: the least-squares slope of log CDNV against block index over its taps. A stage of one tap
+    has no steps inside it and no part of its own (only its boundaries).
+    """
+
+    total_decline: float
+    parts: list[dict]
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def share(self, name: str) -> float | None:
+        return next((p["share"] for p in self.parts if p["name"] == name), None)
+
+
+def collapse_by_stage(cdnv: Sequence[float], stages: Sequence[Any]) -> StageCollapse:
+    """Split the decline of log CDNV from the first tap to the last into what happens inside each stage and what
+    happens across each stage boundary (paper sec. 3: "earlier layers learn universal features, the last few
+    task-specific ones", made measurable).
+
+    ``stages``: the stage label of each tap (any hashable: the model's own stage names or indices, as
+    :func:`pnc.features.stage_name` gives them; ``HEAD`` for the pooled classifier input). Taps of one stage must
+    be consecutive. Every step between consecutive taps belongs to exactly one part (its stage when both taps are
+    in it, else the boundary between their stages), so the parts' declines add up to the total exactly.
+    """
+    y_raw = np.asarray(cdnv, dtype=np.float64)
+    labels = list(stages)
+    if len(labels) != len(y_raw):
+        raise ValueError(f"{len(y_raw)} CDNV values but {len(labels)} stage labels")
+    if len(y_raw) < 2:
+        raise ValueError("a curve of fewer than 2 taps has no decline to split")
+    runs = [labels[0]] + [b for a, b in zip(labels, labels[1:]) if b != a]
+    if len(set(runs)) != len(runs):
+        raise ValueError(f"the taps of a stage must be consecutive, got stages {labels}")
+    if not np.all(np.isfinite(y_raw)) or np.any(y_raw <= 0):
+        return StageCollapse(math.nan, [], reason="curve has non-positive or non-finite values")
+    y = np.log(y_raw)
+    total = float(y[0] - y[-1])
+    share = (lambda d: d / total) if total > 0 else (lambda d: None)
+    parts: list[dict] = []
+    start = 0
+    for k in range(1, len(y) + 1):
+        if k < len(y) and labels[k] == labels[start]:
+            continue
+        seg = y[start:k]  # one stage's taps
+        d = float(seg[0] - seg[-1])
+        if len(seg) > 1:  # a one-tap stage (the head; each tap under ``measure.layers: stages``) has no steps inside
+            slope = float(np.polyfit(np.arange(len(seg), dtype=np.float64), seg, 1)[0])
+            parts.append({"kind": "stage", "name": str(labels[start]), "taps": len(seg), "blocks": len(seg) - 1,
+                          "decline": d, "share": share(d), "slope_per_block": slope})
+        if k < len(y):
+            d = float(y[k - 1] - y[k])
+            parts.append({"kind": "boundary", "name": f"{labels[start]}-{labels[k]}", "decline": d, "share": share(d)})
+        start = k
+    return StageCollapse(total, parts, reason="" if total > 0 else "CDNV does not decline from the first tap to the last")
 
 
 # ----------------------------------------------------------------------------- efficient depth

@@ -131,6 +131,28 @@ def matrix_heatmaps(frame: pd.DataFrame, folder: Path, name: str, *, rows: str,
     return [(f"{metric.label} ({name}) at the first, middle and last tapped layer", figure(f"heatmap_{name}"))]
 
 
+def collapse_bars(df: pd.DataFrame, order: list[str], title: str, width: int = 420):
+    """Where collapse happens: a horizontal stacked bar per model (rows in ``order``) of the shares of the total
+    log-CDNV decline (``share``) that fall in each ``part`` (stage or boundary, ``kind``), parts stacked in depth
+    order (``position``); a rise is a negative share, drawn left of 0. ``df`` as :func:`pnc.analysis.collapse_by_stage`'s
+    parts, one row per (model, part)."""
+    import altair as alt
+
+    most = df.groupby("model").part.count().idxmax()  # the model with most parts gives the legend its depth order
+    parts = list(dict.fromkeys(df[df.model == most].sort_values("position").part.tolist() + df.part.tolist()))
+    bars = alt.Chart(df).mark_bar(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("share:Q", title="share of the total decline of log CDNV (first tap to last)", stack="zero"),
+        y=alt.Y("model:N", sort=order, title="model"),
+        color=alt.Color("part:N", sort=parts, title="stage / boundary",
+                        scale=alt.Scale(scheme="tableau20")),
+        order=alt.Order("position:Q"),
+        tooltip=["model", "part", "kind", alt.Tooltip("share:Q", format=".3f"), alt.Tooltip("decline:Q", format=".3f"),
+                 alt.Tooltip("slope_per_block:Q", format=".3f")],
+    ).properties(width=width, height=22 * max(1, len(order)), title=title)
+    rule = alt.Chart(pd.DataFrame({"x": [0.0, 1.0]})).mark_rule(strokeDash=[3, 3], color="gray").encode(x="x:Q")
+    return bars + rule
+
+
 def layer_figure(results: dict[str, list[float]], names: list[str], title: str) -> Any:
     """One run's per-layer curves as a matplotlib figure (a panel per logged key, x = layer index, log y where the
     metric's registration says so), the image a cell run logs as ``layers.png`` for its run page."""

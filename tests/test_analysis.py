@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pnc.analysis import (
+    HEAD,
+    collapse_by_stage,
     detect_transition,
     efficient_depth,
     estimate_noise,
@@ -368,3 +370,124 @@ def test_transfer_interval_only_with_enough_sources_to_resample(k: int) -> None:
             else:
                 assert row["lo"] <= row["rho"] <= row["hi"] and row["lo"] < row["hi"] and row["note"] == ""
     assert any(not math.isnan(row["rho"]) for row in r.pooled), "rho is given from 3 points"
+
+
+# ----------------------------------------------------------------------------- where collapse happens
+def test_collapse_by_stage_on_a_planted_curve_with_known_shares() -> None:
+    # log CDNV planted tap by tap (natural log): stage a flat then rising by 0.5, boundary a-b falls 2, stage b
+    # falls 1 per block over 3 blocks, boundary b-c falls 1, stage c falls 0.5 per block over 2 blocks, and the
+    # pooled head repeats the last block.
+    logs = [3.0, 3.0, 3.0, 3.5, 1.5, 0.5, -0.5, -1.5, -2.5, -3.0, -3.5, -3.5]
+    labels = ["a"] * 4 + ["b"] * 4 + ["c"] * 3 + [HEAD]
+    total = -0.5 + 2.0 + 3.0 + 1.0 + 1.0  # 6.5
+    c = collapse_by_stage(np.exp(logs), labels)
+    assert c.total_decline == pytest.approx(total, abs=1e-12)
+    assert [p["name"] for p in c.parts] == ["a", "a-b", "b", "b-c", "c", "c-head"]
+    want = {"a": -0.5, "a-b": 2.0, "b": 3.0, "b-c": 1.0, "c": 1.0, "c-head": 0.0}
+    for p in c.parts:
+        assert p["decline"] == pytest.approx(want[p["name"]], abs=1e-12)
+        assert p["share"] == pytest.approx(want[p["name"]] / total, abs=1e-12)
+    assert sum(p["share"] for p in c.parts) == pytest.approx(1.0, abs=1e-12)
+    slopes = {p["name"]: p["slope_per_block"] for p in c.parts if p["kind"] == "stage"}
+    assert slopes["b"] == pytest.approx(-1.0, abs=1e-12) and slopes["c"] == pytest.approx(-0.5, abs=1e-12)
+    # stage a: log values 3, 3, 3, 3.5 at blocks 0..3: least-squares slope 0.15 (by hand: sum (x - 1.5)(y - 3.125) / 5)
+    assert slopes["a"] == pytest.approx(0.75 / 5, abs=1e-12)
+    assert [p["blocks"] for p in c.parts if p["kind"] == "stage"] == [3, 3, 2]
+    assert c.share("a-b") == pytest.approx(2.0 / 6.5)
+
+
+def test_collapse_by_stage_is_scale_invariant_and_uses_only_the_curve_and_labels() -> None:
+    rng = np.random.default_rng(3)
+    curve = np.exp(np.cumsum(-rng.uniform(0, 1, 10)))
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    a, b = collapse_by_stage(curve, labels), collapse_by_stage(7.5 * curve, labels)
+    assert [p["share"] for p in a.parts] == pytest.approx([p["share"] for p in b.parts], abs=1e-12)
+    assert a.total_decline == pytest.approx(float(np.log(curve[0] / curve[-1])), abs=1e-12)
+
+
+def test_collapse_by_stage_without_an_overall_decline_and_bad_input() -> None:
+    c = collapse_by_stage([1.0, 2.0, 3.0, 4.0], ["a", "a", "b", "b"])
+    assert c.total_decline < 0 and all(p["share"] is None for p in c.parts) and "does not decline" in c.reason
+    assert "non-positive" in collapse_by_stage([1.0, 0.0, 0.5], ["a", "a", "b"]).reason
+    with pytest.raises(ValueError, match="consecutive"):
+        collapse_by_stage([3.0, 2.0, 1.0, 0.5], ["a", "b", "a", "b"])
+    with pytest.raises(ValueError, match="stage labels"):
+        collapse_by_stage([3.0, 2.0, 1.0], ["a", "b"])
+    # one tap per stage (measure.layers: stages): only boundaries, each step its own part
+    c = collapse_by_stage([8.0, 4.0, 1.0], ["s1", "s2", "s3"])
+    assert [p["kind"] for p in c.parts] == ["boundary", "boundary"]
+    assert [p["share"] for p in c.parts] == pytest.approx([1 / 3, 2 / 3], rel=1e-12)  # ln 2 and ln 4 of ln 8
+
+
+def staged(n: int, stages: list[tuple[float, float]], noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """exp of a log CDNV curve planted stage by stage: per stage (step into it, change along its n taps), then a
+    pooled head repeating the last tap; seeded Gaussian noise on the taps."""
+    y, level = [], 0.0
+    for step, along in stages:
+        level += step
+        y += list(level + along * np.arange(n) / (n - 1))
+        level = y[-1]
+    y = np.array(y) + np.random.default_rng(seed).normal(0, noise, len(y))
+    return np.exp(np.append(y, y[-1]))
+
+
+@pytest.mark.parametrize("n", [5, 9, 18])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_plateau_between_downsampling_steps_is_found_after_a_rising_first_stage(n: int, seed: int) -> None:
+    """Stage 1 rises (+0.5), the step into stage 2 falls 1.5, stage 2 is flat, the step into stage 3 falls 1, stage 3
+    falls 1.5: a reader sees decline, plateau (stage 2), decline; the fitted segments' own slopes are +, 0, -."""
+    c = staged(n, [(0.0, 0.5), (-1.5, 0.0), (-1.0, -1.5)], noise=0.05, seed=seed)
+    t = detect_transition(c)
+    assert t.found, t.reason
+    assert abs(t.start - n) <= 1 and abs(t.end - (2 * n - 1)) <= 1  # the plateau is stage 2 (taps n .. 2n-1)
+    assert t.phases[0] > 0.5 and t.phases[2] > 1.5 and abs(t.phases[1]) < 0.3
+    assert t.confidence >= 0.99
+
+
+@pytest.mark.parametrize("n", [5, 9, 18])
+def test_flat_then_decline_is_not_a_transition_and_says_why(n: int) -> None:
+    """No initial decline: stages 1 and 2 flat, then one decline. A plateau, but not the paper's three phases."""
+    for seed in range(3):
+        t = detect_transition(staged(n, [(0.0, 0.0), (0.0, 0.0), (-1.0, -3.0)], noise=0.05, seed=seed))
+        assert not t.found and t.reason, t
+
+
+def test_phases_are_the_fitted_falls_before_along_and_after_the_plateau() -> None:
+    # noise-free: log CDNV falls 0.5 per tap over 5 taps, steps down 1 onto a plateau of 5 taps, steps down 1 and
+    # falls 0.5 per tap over the last 5
+    y = np.concatenate([-0.5 * np.arange(5), np.full(5, -3.0), -4.0 - 0.5 * np.arange(5)])
+    t = detect_transition(np.exp(y))
+    assert t.found and (t.start, t.end) == (5, 9)
+    # before: first point (0) to the plateau's first (-3); along: 0; after: the plateau's last (-3) to the last (-6)
+    assert t.phases == pytest.approx([3.0, 0.0, 3.0], abs=1e-9)
+    assert t.slopes == pytest.approx([-0.5 * 14, 0.0, -0.5 * 14], abs=1e-9)  # per unit relative depth: 14 steps
+
+
+def test_tap_stages_and_collapse_read_back_from_a_run() -> None:
+    """Stages come from the model's module tree (layer2.1 -> layer2), the head is its own; a run's per-layer stage
+    indices and its pnc.stages tag give back the same decomposition; metric keys are ones MLflow accepts."""
+    import json
+    import re
+
+    from pnc.kinds.depth import DepthSweep, collapse_metrics, tap_stages
+
+    names = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "penultimate"]
+    labels = tap_stages(names, "blocks")
+    assert labels == ["layer1", "layer1", "layer2", "layer2", "layer3", "layer3", HEAD]
+    assert tap_stages(["layer1", "layer2", "penultimate"], "stages") == ["layer1", "layer2", HEAD]
+    assert tap_stages(["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"], "blocks") == ["layers.0"] * 2 + ["layers.1"]
+    from pnc.features import LayerNames
+
+    merged = LayerNames(["layer1.0", "layer2.0", "penultimate"], {"layer3.0": "penultimate"})  # penultimate = layer3.0
+    assert tap_stages(merged, "blocks") == ["layer1", "layer2", "layer3"]
+    assert tap_stages(LayerNames(["layer1", "penultimate"], {"layer2": "penultimate"}), "stages") == ["layer1", "layer2"]
+    curve = np.exp([2.0, 2.1, 1.0, 0.9, 0.2, -0.3, -0.3])
+    order = list(dict.fromkeys(labels))
+    stages = pd.DataFrame({"layer": range(7), "value": [float(order.index(s)) for s in labels]}).iloc[::-1]  # any row order
+    c = DepthSweep().stage_collapse(list(curve), stages, json.dumps(order))
+    assert [p["name"] for p in c.parts] == ["layer1", "layer1-layer2", "layer2", "layer2-layer3", "layer3", "layer3-head"]
+    assert c.share("layer1-layer2") == pytest.approx(1.1 / 2.3) and c.share("layer1") == pytest.approx(-0.1 / 2.3)
+    assert DepthSweep().stage_collapse(list(curve), stages.iloc[:0], None) is None  # a run that logged no stages
+    m = collapse_metrics(c)
+    assert m["collapse/share/layer2-layer3"] == pytest.approx(0.7 / 2.3) and m["collapse/slope_per_block/layer3"] == pytest.approx(-0.5)
+    assert all(re.fullmatch(r"[\w\-. :/]+", k) for k in m)

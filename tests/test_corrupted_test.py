@@ -58,7 +58,7 @@ def test_corrupted_cells_are_measured_on_cifar10c_and_traced(tmp_path: Path) -> 
     run = c.get_run(cells["gaussian_noise:2"]["run_id"])
     assert "test/cifar10c_acc" in run.data.metrics
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "probe_acc/cifar10c")]
-    assert sorted(steps) == list(range(4)), "one probe accuracy per tapped layer (3 blocks + penultimate)"
+    assert sorted(steps) == list(range(3)), "one probe accuracy per tapped layer (3 blocks + penultimate - the last block, merged)"
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
     assert inputs["cifar10-c/gaussian_noise/2"]["mlflow.data.context"] == "evaluation", inputs
     clean = c.get_run(cells["clean"]["run_id"])

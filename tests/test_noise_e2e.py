@@ -87,7 +87,7 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     assert rep.returncode == 0, rep.stderr
     page = (tmp_path / "reports/digits_noise/index.html").read_text()
     assert "Memorization layers" in page and "Noise-level estimation" in page
-    # the spec file's own cells (epochs 60, ...) never ran: the report says it shows the --set runs instead
+    # the spec file's own cells (epochs 30, ...) never ran: the report says it shows the --set runs instead
     assert "no runs of this spec&#x27;s exact cells" in page and "no runs of this spec's exact cells" in rep.stderr
     assert (tmp_path / "reports/digits_noise/noise_symmetric.png").exists()
     exact = pnc(["report", "specs/digits_noise.yaml", *SETS], tmp_path)  # the run's overrides: its exact cells

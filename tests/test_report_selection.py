@@ -100,20 +100,20 @@ def test_study_summary_and_report_use_only_the_spec_cells_runs(store: Path, char
     four = _spec(DEPTH, "train.epochs=4", "models=[resnet20]")
     ids2, ids4 = {c.id for c in expand(two)}, {c.id for c in expand(four)}
     assert not ids2 & ids4, "a changed recipe is another cell"
-    _depth_runs(two, ["train.epochs=2"], {"resnet8": 0.60, "resnet14": 0.70, "resnet20": 0.75, "resnet32": 0.72})
+    _depth_runs(two, ["train.epochs=2"], {"resnet8": 0.60, "resnet14": 0.70, "resnet20": 0.75, "resnet32": 0.72, "resnet56": 0.71})
     _depth_runs(four, ["train.epochs=4", "models=[resnet20]"], {"resnet20": 0.99})  # newest run named ...@model=resnet20
 
     s2 = report.study_summary(two)["details"]["efficient_depth"]["per_depth"]
-    assert [(r["depth"], r["val_acc"]) for r in s2] == [(8, 0.60), (14, 0.70), (20, 0.75), (32, 0.72)], \
+    assert [(r["depth"], r["val_acc"]) for r in s2] == [(8, 0.60), (14, 0.70), (20, 0.75), (32, 0.72), (56, 0.71)], \
         "the 4-epoch resnet20 must not stand in for the 2-epoch one"
     s4 = report.study_summary(four)["details"]["efficient_depth"]["per_depth"]
     assert [(r["depth"], r["val_acc"]) for r in s4] == [(20, 0.99)]
-    assert list(report.study_summary(two)["details"]["transitions"]) == ["resnet8", "resnet14", "resnet20", "resnet32"]
+    assert list(report.study_summary(two)["details"]["transitions"]) == ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56"]
 
     page = (report.render_study(two, store / "reports") / "index.html").read_text()
     assert "Warning:" not in page
     rows = _rows(page, "Final accuracies per model")
-    assert [r[0] for r in rows] == ["resnet8", "resnet14", "resnet20", "resnet32"], "models by depth, one row each"
+    assert [r[0] for r in rows] == ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56"], "models by depth, one row each"
     assert all(r[1] == "2" and r[2] == "--set train.epochs=2" for r in rows), rows
     assert "warning" not in capsys.readouterr().err
 
@@ -123,7 +123,7 @@ def test_report_of_a_spec_whose_cells_never_ran_falls_back_with_a_warning(store:
 
     two = _spec(DEPTH, "train.epochs=2")
     four = _spec(DEPTH, "train.epochs=4", "models=[resnet20]")
-    _depth_runs(two, ["train.epochs=2"], {"resnet8": 0.60, "resnet14": 0.70, "resnet20": 0.75, "resnet32": 0.72})
+    _depth_runs(two, ["train.epochs=2"], {"resnet8": 0.60, "resnet14": 0.70, "resnet20": 0.75, "resnet32": 0.72, "resnet56": 0.71})
     _depth_runs(four, ["train.epochs=4", "models=[resnet20]"], {"resnet20": 0.99})
 
     assert cli.main(["report", DEPTH, "--out", str(store / "reports")]) == 0  # the spec file: epochs 30, never run
@@ -133,7 +133,7 @@ def test_report_of_a_spec_whose_cells_never_ran_falls_back_with_a_warning(store:
     page = (store / "reports/digits_depth/index.html").read_text()
     assert "class='warning'" in page and msg.replace("'", "&#x27;") in page
     rows = _rows(page, "Final accuracies per model")
-    assert [(r[0], r[1]) for r in rows] == [("resnet8", "2"), ("resnet14", "2"), ("resnet20", "4"), ("resnet32", "2")]
+    assert [(r[0], r[1]) for r in rows] == [("resnet8", "2"), ("resnet14", "2"), ("resnet20", "4"), ("resnet32", "2"), ("resnet56", "2")]
     assert rows[2][2] == "--set train.epochs=4 --set models=[resnet20]"
 
 
@@ -145,8 +145,8 @@ def test_report_notes_cells_without_a_finished_run(store: Path, charts, capsys) 
     cells = expand(two)
     _cell_run(two, cells[0], ["train.epochs=2"], {"cdnv/train": [1.0, 0.5, 0.2, 0.1]}, {"val/acc": 0.5, "test/holdout_acc": 0.5})
     page = (report.render_study(two, store / "reports") / "index.html").read_text()
-    assert "Warning:" not in page and "3 of 4 cells of this spec have no finished run yet" in page
-    assert "3 of 4 cells" in capsys.readouterr().err
+    assert "Warning:" not in page and "4 of 5 cells of this spec have no finished run yet" in page
+    assert "4 of 5 cells" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 2. compare
@@ -192,7 +192,7 @@ def test_compare_of_several_studies_has_a_panel_and_a_legend_per_study(store: Pa
     import pnc.report as report
 
     _noise_runs()
-    _depth_runs(_spec(DEPTH, "train.epochs=2"), [], {"resnet8": 0.6, "resnet14": 0.7, "resnet20": 0.75, "resnet32": 0.72})
+    _depth_runs(_spec(DEPTH, "train.epochs=2"), [], {"resnet8": 0.6, "resnet14": 0.7, "resnet20": 0.75, "resnet32": 0.72, "resnet56": 0.71})
     with pytest.raises(Exception, match="no finished runs"):  # only the depth study has nc2/train
         report.render_compare(["digits_noise"], store / "reports", metric="nc2/train")
     out = report.render_compare(["digits_depth", "digits_noise"], store / "reports")
@@ -200,7 +200,7 @@ def test_compare_of_several_studies_has_a_panel_and_a_legend_per_study(store: Pa
     assert len(chart["concat"]) == 2 and chart["resolve"]["scale"]["color"] == "independent"
     assert [p["title"] for p in chart["concat"]] == ["digits_depth", "digits_noise"]
     assert all(e["y"]["scale"]["type"] == "log" for e in _encodings(chart))
-    assert _encodings(chart)[0]["color"]["sort"] == ["resnet8", "resnet14", "resnet20", "resnet32"]
+    assert _encodings(chart)[0]["color"]["sort"] == ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56"]
     assert out.name == "compare-digits_depth-digits_noise"
 
 

@@ -148,7 +148,8 @@ def test_report_and_parent_run_show_the_same_p(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(frames, "layer_frame", lambda *a, **k: pd.DataFrame(rows))
     monkeypatch.setattr(figures, "save", lambda chart, folder, stem: chart.to_dict() and [])
     spec = SimpleNamespace(name="tr", kind="domain_transfer", experiment="tr", description="", train=SimpleNamespace(seed=0),
-                           transfer=SimpleNamespace(sources=list(DOMAINS), targets=list(DOMAINS)))
+                           transfer=SimpleNamespace(sources=list(DOMAINS), targets=list(DOMAINS)),
+                           measure=SimpleNamespace(metrics=["cdnv", "nc1", "nc2", "ncc", "probe"], epochs=[]))
     summary = report.study_summary(spec)
     logged = summary["details"]["transfer_correlation"]["transfer/spearman_p"]
     assert logged == pytest.approx(brute_force_p(cdnv, acc), abs=1e-12)

@@ -5,6 +5,7 @@ depth whose curve shows the transition, next to the depth a validation split pic
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,45 @@ from typing import Any, Literal
 from ..catalog import model_order
 from ..spec import StudySpecBase
 from .base import CellData, StudyKind, model_cells
+
+CURVE_KEY = "cdnv/train"  # the curve whose collapse the analyses locate
+STAGE_KEY = "layer/stage"  # per-layer metric: the tap's stage, an index into the run's tag STAGES_TAG
+STAGES_TAG = "pnc.stages"  # JSON list of the run's stage names, in depth order
+
+
+def tap_stages(names: list[str], selection: Any) -> list[str]:
+    """The stage of each tap, from the model's own module tree (:func:`pnc.features.stage_name`: ``layer2.1`` ->
+    ``layer2``); with ``measure.layers: stages`` each tap is a stage of its own; the pooled classifier input
+    ("penultimate") is :data:`pnc.analysis.HEAD`, unless it stands for a block merged into it (identical outputs:
+    ``names.merged``, ``docs/metrics.md``, "Layers"): then it is that block's stage."""
+    from ..analysis import HEAD
+    from ..features import PENULTIMATE, stage_name
+
+    stands_for = {kept: dropped for dropped, kept in getattr(names, "merged", {}).items()}
+
+    def stage(n: str) -> str:
+        n = stands_for.get(n, n)
+        return HEAD if n == PENULTIMATE else (n if selection == "stages" else stage_name(n) or n)
+
+    return [stage(n) for n in names]
+
+
+def metric_name(part: str) -> str:
+    """A stage or boundary name as MLflow allows it in a metric key."""
+    return re.sub(r"[^\w\-. :/]", "_", part)
+
+
+def collapse_metrics(c: Any) -> dict[str, float]:
+    """A :class:`pnc.analysis.StageCollapse` as cell-run metrics: ``collapse/total_decline``,
+    ``collapse/share/<part>`` per stage and boundary, ``collapse/slope_per_block/<stage>``."""
+    out = {"collapse/total_decline": c.total_decline}
+    for p in c.parts:
+        if p["share"] is not None:
+            out[f"collapse/share/{metric_name(p['name'])}"] = p["share"]
+        if p.get("slope_per_block") is not None:
+            out[f"collapse/slope_per_block/{metric_name(p['name'])}"] = p["slope_per_block"]
+    return out
+
 
 KEYS = [("cdnv/train", "CDNV (train)", True), ("nc2/train", "NC2 (train)", False),
         ("probe_acc/test", "probe accuracy (test)", False)]
@@ -144,6 +184,7 @@ class DepthSweep(StudyKind):
                 finals[f"test/{role}_acc"] = accs.get(role)
             tracking.log_metrics(run_id, finals)
             log_layers(run_id, names)
+            self.log_stages(run_id, results, names, study.spec.measure.layers)
             tracking.log_figure(run_id, layer_figure(results, names, cell.name), "layers.png")
             tracking.log_matrix_artifacts(run_id, matrices, names)
         summary.update(self.log_cell_extras(study, run_id, results, names, accs, data))
@@ -168,6 +209,26 @@ class DepthSweep(StudyKind):
                              num_classes=spec.dataset.info.num_classes, label_names=("train",), progress=study.progress,
                              ncc_train=self.ncc_train, info=info)
 
+    def log_stages(self, run_id: str, results: dict, names: list[str], selection: Any) -> None:
+        """The stage of each tap (per-layer metric ``layer/stage``: an index into the run's tag ``pnc.stages``) and
+        where the CDNV curve declines (:func:`pnc.analysis.collapse_by_stage`: metrics ``collapse/...``)."""
+        import json
+
+        from .. import analysis, tracking
+
+        labels = tap_stages(names, selection)
+        order = list(dict.fromkeys(labels))
+        tracking.log_tags(run_id, {STAGES_TAG: json.dumps(order)})
+        tracking.log_layer_metrics(run_id, {STAGE_KEY: [float(order.index(s)) for s in labels]})
+        curve = results.get(CURVE_KEY)
+        if curve is None or len(curve) != len(labels):
+            return
+        try:
+            c = analysis.collapse_by_stage(curve, labels)
+        except ValueError:  # a stage's taps are not consecutive (a pattern selection): no decomposition
+            return
+        tracking.log_metrics(run_id, collapse_metrics(c))
+
     def log_cell_extras(self, study: Any, run_id: str, results: dict, names: list[str], accs: dict, data: Any) -> dict:
         """What a kind logs beyond the per-layer curves and final accuracies; returns summary additions."""
         return {}
@@ -181,8 +242,10 @@ class DepthSweep(StudyKind):
         sel = selection if selection is not None else RunSelection(spec)
         out: dict = {"metrics": {}, "tags": {}, "details": {}, "curves": {}}
         metrics, tags, details = out["metrics"], out["tags"], out["details"]
-        df = layer_frame(spec.experiment, ["cdnv/train"], runs=sel)
+        df = layer_frame(spec.experiment, [CURVE_KEY, STAGE_KEY], runs=sel)
         runs = run_frame(spec.experiment, runs=sel)
+        stages = df[df.metric == STAGE_KEY]
+        df = df[df.metric == CURVE_KEY]
         if df.empty or runs.empty:
             return out
         rows = []
@@ -197,6 +260,10 @@ class DepthSweep(StudyKind):
             details.setdefault("transitions", {})[model] = t.as_dict()
             tags[f"pnc.transition.{model}"] = (f"layers {t.start}-{t.end} (confidence {t.confidence:.2f})" if t.found
                                               else f"none: {t.reason}")
+            c = self.stage_collapse(curve, stages[stages.run_id.isin(set(d.run_id))], r.get(STAGES_TAG))
+            if c is not None:
+                details.setdefault("collapse", {})[model] = c.as_dict()
+                metrics.update({k.replace("collapse/", f"collapse/{model}/", 1): v for k, v in collapse_metrics(c).items()})
             rows.append((int(d.depth.iloc[0]), model, curve, float(r["val/acc"]), float(r["test/holdout_acc"])))
         if rows and self.depth_family([x[1] for x in rows]):
             rows.sort()
@@ -219,6 +286,24 @@ class DepthSweep(StudyKind):
             return out
         return snapshots.merge(out, snapshots.time_analyses(spec, selection, self.curve_key, by_noise=self.by_noise))
 
+    def stage_collapse(self, curve: list[float], stages: Any, names: Any) -> Any:
+        """:func:`pnc.analysis.collapse_by_stage` of one run's curve, its taps' stages read back from the run
+        (per-layer ``layer/stage`` into the tag ``pnc.stages``); None for runs that did not log them."""
+        import json
+
+        from .. import analysis
+
+        if stages.empty or not isinstance(names, str):
+            return None
+        order = json.loads(names)
+        labels = [order[int(v)] for v in stages.sort_values("layer").value]
+        if len(labels) != len(curve):
+            return None
+        try:
+            return analysis.collapse_by_stage(curve, labels)
+        except ValueError:
+            return None
+
     def family_panels(self, spec: Any, folder: Path, selection: Any, shown: set[str], order: list[str]) -> list[tuple[str, str]]:
         """A figure per metric family (variability, geometry, duality, agreement) of the other registry metrics the
         study measured (``measure.metrics``), training split and test split, one line per model; and a heatmap of
@@ -229,6 +314,37 @@ class DepthSweep(StudyKind):
         keys = [k for k in family_keys(spec.measure.metrics, ["train", "test"]) if k not in shown]
         df = layer_frame(spec.experiment, keys, runs=selection)
         return family_panels(df, keys, folder, color="model", order=order) + matrix_sections(spec, folder, selection, order)
+
+    def collapse_section(self, collapse: dict, folder: Path, name: str) -> tuple[str, str]:
+        """The report's "where collapse happens" section: a stacked bar per model and the table behind it."""
+        import pandas as pd
+
+        from ..figures import collapse_bars, figure, save, table
+
+        order = model_order(collapse)
+        rows = [{"model": m, "position": i, "part": p["name"], "kind": p["kind"], "share": p["share"],
+                 "decline": p["decline"], "slope_per_block": p.get("slope_per_block"), "blocks": p.get("blocks")}
+                for m in order for i, p in enumerate(collapse[m]["parts"])]
+        df = pd.DataFrame(rows)
+        drawn = df[df.share.notna()]
+        html = ("<p>Per model, the decline of log CDNV (train) from the first tapped block to the pooled classifier "
+                "input, split into what happens between consecutive blocks of one stage (a stage, e.g. <code>layer2"
+                "</code>) and across the step into the next stage (a boundary, e.g. <code>layer1-layer2</code>: the "
+                "next stage's first, downsampling, block; <code>-head</code>: global pooling). Shares add up to 1; a "
+                "negative share is a rise. Slope per block: least-squares slope of log CDNV per block inside the stage."
+                "</p>")
+        if not drawn.empty:
+            save(collapse_bars(drawn, [m for m in order if m in set(drawn.model)], f"{name}: where CDNV declines"),
+                 folder, "collapse_by_stage")
+            html += figure("collapse_by_stage")
+        notes = [f"{m}: {collapse[m]['reason']}" for m in order if collapse[m].get("reason")]
+        html += "".join(f"<p>{n}</p>" for n in notes)
+        wide = df.pivot_table(index="model", columns="part", values="share", sort=False).reindex(order).reset_index()
+        slopes = df[df.kind == "stage"].pivot_table(index="model", columns="part", values="slope_per_block", sort=False)
+        slopes.columns = [f"slope/block {c}" for c in slopes.columns]
+        wide = wide.merge(slopes.reset_index(), on="model", how="left")
+        wide.insert(1, "total decline (log)", [collapse[m]["total_decline"] for m in wide.model])
+        return ("Where collapse happens: share of the CDNV decline per stage and stage boundary", html + table(wide))
 
     def depth_family(self, models: list[str]) -> bool:
         """Whether ``models`` are depths of one family, so that an efficient depth among them means something."""
@@ -267,10 +383,14 @@ class DepthSweep(StudyKind):
             sections.append(("Final accuracies per model", table(runs[cols])))
         det = self.analyses(spec, selection)["details"]
         if det.get("transitions"):
-            t = pd.DataFrame([{"model": m, **{k: v for k, v in det["transitions"][m].items() if k != "slopes"},
-                               "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"])}
+            t = pd.DataFrame([{"model": m, **{k: v for k, v in det["transitions"][m].items() if k not in ("slopes", "phases")},
+                               "slopes (log CDNV / rel. depth)": ", ".join(f"{s:.2f}" for s in det["transitions"][m]["slopes"]),
+                               "fall before / along / after plateau (log CDNV)":
+                                   ", ".join(f"{s:.2f}" for s in det["transitions"][m].get("phases") or [])}
                               for m in model_order(det["transitions"])])
             sections.append(("Transition phase (segmented fit of log CDNV; see README)", table(t)))
+        if det.get("collapse"):
+            sections.append(self.collapse_section(det["collapse"], folder, spec.name))
         if det.get("efficient_depth"):
             e = det["efficient_depth"]
             text = (f"<p>Smallest depth whose CDNV curve shows the transition: <b>{e['transition_depth']}</b>; depth the "
