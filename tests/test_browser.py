@@ -37,7 +37,7 @@ LAYERS = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the la
 FOCUS = ["--set", "measure.metrics=[cdnv, nc1, nc2, ncc, probe]", "--set", "measure.epochs=[]"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                  "--window-size=1920,1200"]
+                  "--window-size=1920,2400"]  # tall: the compare view renders only the rows in view
 
 
 def chromium_binary() -> str:

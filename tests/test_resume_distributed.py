@@ -118,7 +118,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
-    sets = ["--set", "models=[resnet8]", "--set", "train.epochs=3", "--set", "train.batch_size=64"]
+    # no snapshots (the embedded spec takes them at epochs 0-2): this test's tolerances were measured on the final
+    # measurement alone; snapshots on 2 processes are compared with 1 in tests/test_snapshots.py
+    sets = ["--set", "models=[resnet8]", "--set", "train.epochs=3", "--set", "train.batch_size=64", "--set", "measure.epochs=[]"]
     one = _project(tmp_path, "one")
     r1 = subprocess.run([sys.executable, "-m", "pnc.cli", "run", "specs/digits_depth.yaml", *sets], cwd=one, env=_env(one),
                         capture_output=True, text=True, timeout=600)
