@@ -43,11 +43,7 @@ _CHANNELS_FIRST_TYPES = (
 )
 
 
-# --------------------------------------------------------------------------------------------------
-# Selection
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Selection
 def classifier(model: nn.Module) -> nn.Module:
     """The final classifier whose input is the "penultimate" tap (timm ``get_classifier``, else ``fc``,
     ``head``, ``classifier``, else the last ``nn.Linear``)."""
@@ -192,11 +188,7 @@ def _sample(model: nn.Module, wanted: str) -> str:
     return did_you_mean(wanted, names, show=20)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reduction
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Reduction
 def parse_reduction(reduction: str) -> tuple[str, int | None]:
     """"avgpool" | "flatten" | "project:<dim>" -> (kind, dim)."""
     kind, _, arg = reduction.partition(":")
@@ -249,11 +241,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise ModelError(f"a tapped module returned {type(out).__name__}, not a tensor")
 
 
-# --------------------------------------------------------------------------------------------------
-# Extractor
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Extractor
 class LayerNames(list):
     """Tap names in forward order; ``merged`` maps each tap measured under another name (identical reduced
     outputs, see :class:`FeatureExtractor`) to the name kept."""

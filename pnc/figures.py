@@ -51,7 +51,6 @@ def curves(df: pd.DataFrame, key: str, title: str, log: bool, color: str, color_
     return base
 
 
-
 def family_keys(selected: Any, splits: list[str]) -> list[str]:
     """The logged keys ``<metric>/<split>`` of the scalar registry metrics among ``selected`` (a spec's
     ``measure.metrics``), per split, in registry order."""
@@ -210,7 +209,6 @@ def table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
 
 
-
 def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -261,7 +259,6 @@ def publish(out: Path, name: str, fill) -> Path:
     return final
 
 
-
 def render_index(out: Path) -> Path:
     """``out/index.html`` linking every study report found under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +272,6 @@ def render_index(out: Path) -> Path:
     tmp.write_text(page)
     os.replace(tmp, path)
     return path
-
 
 
 def epoch_heatmap(d: pd.DataFrame, title: str, log: bool, boundary: float | None = None, width: int = 220):

@@ -127,7 +127,6 @@ class RunSelection:
         return chosen
 
 
-
 # ----------------------------------------------------------------------------- MLflow -> DataFrame
 def _runs(experiment: str, role: str) -> list:
     c = tracking.client()

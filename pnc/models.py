@@ -30,11 +30,7 @@ RECIPE_ATTR = "pnc_recipe"
 RECIPE_FORMAT = "pnc.safetensors/1"
 CIFAR_STEM_MAX_SIZE = 64  # ResNets at or below this image size get the CIFAR stem automatically
 
-# --------------------------------------------------------------------------------------------------
-# pnc's CIFAR-style ResNet (He et al. 2016, "Deep Residual Learning for Image Recognition", sec. 4.2)
-# --------------------------------------------------------------------------------------------------
-
-
+# ------------------ pnc's CIFAR-style ResNet (He et al. 2016, "Deep Residual Learning for Image Recognition", sec. 4.2)
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity or 1x1 conv-BN projection shortcut (option B)."""
 
@@ -107,10 +103,7 @@ def _init_resnet_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------------------------------
-# Registry: one builder and one defaults function per source
-# --------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------- Registry: one builder per source (and its block classes)
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
 _BLOCKS: dict[str, frozenset[str]] = {}
@@ -225,11 +218,7 @@ def model_defaults(name: str, source: str, image_size: int) -> dict[str, Any]:
     return {}
 
 
-# --------------------------------------------------------------------------------------------------
-# Name resolution
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Name resolution
 def resolve_source(name: str, source: str = "auto") -> str:
     """The source that builds ``name``; raises ModelError for an unknown name or source."""
     if source not in ("auto", *SOURCES):
@@ -264,11 +253,7 @@ def _source_has(source: str, name: str) -> bool:
     return name in torchvision.models.list_models(module=torchvision.models)
 
 
-# --------------------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Factory
 def build_model(
     name: str,
     *,
@@ -410,11 +395,7 @@ def set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     raise ModelError(f"{type(model).__name__}: no 3-channel input convolution to adapt to in_chans={in_chans}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Local weights (never downloaded)
-# --------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- Local weights (never downloaded)
 def find_weights(name: str, source: str, weights: str | Path | None) -> Path:
     """The local weights file for ``name``: ``weights`` if given, else one already in a cache."""
     if weights is not None:
@@ -543,10 +524,7 @@ def _classifier_prefix(model: nn.Module) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------------------------------
-# The committed name lists (pnc/model_names.json)
-# --------------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------------- The committed name lists (pnc/model_names.json)
 MODEL_NAMES_FILE = Path(__file__).with_name("model_names.json")
 
 

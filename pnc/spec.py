@@ -602,8 +602,6 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
     return line, col
 
 
-
-
 def _clean_loc(loc: tuple) -> tuple:
     """Drop the discriminator tags and validator names pydantic adds to error locations."""
     out: list = []

@@ -27,10 +27,7 @@ from pnc.catalog import DATASETS
 from pnc.data.base import DATA_ROOT_ENV, ImageSplit, data_root
 from pnc.errors import DataError
 
-# ----------------------------------------------------------------------------------------------
-# Shared helpers for every real loader: default roots, error messages, safe unpickling.
-# ----------------------------------------------------------------------------------------------
-
+# -------------------------------- Shared helpers for every real loader: default roots, error messages, safe unpickling.
 README_SECTION = "see README.md section 'Real datasets' and docs/datasets.md"
 
 
@@ -136,10 +133,7 @@ def md5_of(raw: bytes) -> str:
     return hashlib.md5(raw).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# CIFAR
-# ----------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- CIFAR
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )

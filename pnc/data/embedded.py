@@ -74,8 +74,6 @@ _CANVAS = 96  # supersampled drawing canvas (pixels) for typeset and segment gly
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
 def _rng(seed: int, *parts: str) -> np.random.Generator:
     """A generator seeded by ``seed`` and stable string tags (crc32, not ``hash()``)."""
     words = [int(seed) & 0xFFFFFFFF, (int(seed) >> 32) & 0xFFFFFFFF]
@@ -156,8 +154,6 @@ def typeset_fonts() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- domains
-
-
 def _render_handwritten(labels_wanted: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """scikit-learn digits: pick ``per_class`` of each class (seeded), upsample, frame."""
     from PIL import Image
@@ -280,8 +276,6 @@ _RENDERERS = {"handwritten": _render_handwritten, "typeset": _render_typeset, "s
 
 
 # ----------------------------------------------------------------------------- public API
-
-
 def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> dict[str, ImageSplit]:
     """scikit-learn's handwritten digits as uint8 N x 8 x 8 x 1 (``round(v * 255 / 16)``),
     classes "0".."9", split stratified and seeded into {"train", "test"}."""

@@ -111,8 +111,6 @@ class NoiseSpec(SpecBlock):
                            "and severity (CIFAR-10-C .npy files; cifar10 only): network and probe accuracy, NCC.")
 
 
-
-
 class NoiseSweepSpec(StudySpecBase):
     """Train on noisy labels or corrupted inputs; compare collapse on noisy vs clean data (sec. 4.2)."""
 
@@ -418,7 +416,6 @@ def noise_maps(df: pd.DataFrame, runs: pd.DataFrame) -> tuple[dict, list[str]]:
     return maps, skipped
 
 
-
 def noise_chart(df: pd.DataFrame, title: str):
     """Figures 2, 6-9: rows CDNV (noisy, log), NC2, memorization ratio (Delta = 1 line), probe accuracy; columns = models."""
     import altair as alt
@@ -436,7 +433,6 @@ def noise_chart(df: pd.DataFrame, title: str):
                .properties(title=m if key == KEYS[0][0] else "") for m in models]
         grid.append(alt.hconcat(*row))
     return alt.vconcat(*grid).properties(title=title)
-
 
 
 def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tuple[str, str]]:
@@ -477,7 +473,6 @@ def render_noise(kind: NoiseSweep, spec: Any, folder: Path, sel: Any) -> list[tu
                           "(<code>noise/realized_rate</code>; human label sets included), input corruption by its severity. "
                           "The error is leave-one-level-out, in the same units.</p>" + table(t)))
     return sections + kind.report_over_time(spec, folder, sel, details)
-
 
 
 def family_sections(spec: Any, folder: Path, sel: Any, shown: set[str], levels: list[str]) -> list[tuple[str, str]]:

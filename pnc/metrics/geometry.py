@@ -139,7 +139,6 @@ class Geometry:
         return True
 
 
-
 # ----------------------------------------------------------------------------- variability
 @register("cdnv", family="variability", label="CDNV", log_axis=True, default=True,
           definition="mean over the K(K−1)/2 pairs k<k' of (var_k + var_k') / (2‖mu_k − mu_k'‖²), "
