@@ -113,14 +113,6 @@ def run_tags(spec: Any, spec_path: str, overrides: list[str] | None) -> dict[str
             "pnc.overrides": json.dumps(overrides or []), **tracking.git_state(), **tracking.dvc_tags(), **tracking.numerics_context()}
 
 
-def log_params_once(run_id: str, params: dict[str, Any]) -> None:
-    """Log the params ``run_id`` does not hold yet. MLflow params are immutable; a reused run (the study's
-    parent, a resumed cell) keeps a key's first value: the cell id pins every field that changes a cell's
-    results, and the parent's ``pnc.spec_digest`` tag names the latest spec."""
-    have = tracking.get_run(run_id).data.params
-    tracking.log_params(run_id, {k: v for k, v in params.items() if k not in have})
-
-
 # ----------------------------------------------------------------------------- building and measuring networks
 def build_cell_model(spec: Any, model: Any, *, pretrained: bool = True, strict: bool = False):
     """The network of a model entry (a library/pnc name or your ``factory``), for the spec's dataset (weights only
@@ -339,7 +331,7 @@ class StudyRun:
             self.exp_id = tracking.experiment_id(spec.experiment, experiment_note(spec))
             self.parent = guard.parent = tracking.study_parent(
                 self.exp_id, spec.name, {**run_tags(spec, spec_path, overrides), "pnc.kind": spec.kind})
-            log_params_once(self.parent, study_params(spec))
+            tracking.log_params(self.parent, study_params(spec))
 
     def tags(self) -> dict[str, str]:
         return run_tags(self.spec, self.spec_path, self.overrides)

@@ -107,12 +107,8 @@ def artifact_location() -> str | None:
 def dvc_tags() -> dict[str, str]:
     """The DVC experiment a run belongs to, when ``dvc exp run`` started it (DVC sets ``DVC_EXP_NAME`` and
     ``DVC_EXP_BASELINE_REV`` for the stages of an experiment)."""
-    out = {}
-    if os.environ.get("DVC_EXP_NAME"):
-        out["pnc.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        out["pnc.dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-    return out
+    tags = {"DVC_EXP_NAME": "pnc.dvc_experiment", "DVC_EXP_BASELINE_REV": "pnc.dvc_baseline_rev"}
+    return {tag: os.environ[var] for var, tag in tags.items() if os.environ.get(var)}
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -438,10 +434,14 @@ def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     return run_id
 
 
-def find_cell_run(exp_id: str, cell_id: str, role: str = "cell", extra: str = "") -> Any | None:
+def _cell_runs(exp_id: str, cell_id: str, role: str) -> list:
+    """The runs of a cell (any status), newest first."""
+    return _search(exp_id, f"tags.`{TAG_CELL}` = '{cell_id}' and tags.`{TAG_ROLE}` = '{role}'")
+
+
+def find_cell_run(exp_id: str, cell_id: str, role: str = "cell") -> Any | None:
     """The newest run of a cell (any status), or None."""
-    runs = _search(exp_id, f"tags.`{TAG_CELL}` = '{cell_id}' and tags.`{TAG_ROLE}` = '{role}'{extra}")
-    return runs[0] if runs else None
+    return next(iter(_cell_runs(exp_id, cell_id, role)), None)
 
 
 def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
@@ -520,10 +520,6 @@ class Claim:
     run_id: str | None
     reused: Any | None = None
     holder: str = ""
-
-
-def _cell_runs(exp_id: str, cell_id: str, role: str) -> list:
-    return _search(exp_id, f"tags.`{TAG_CELL}` = '{cell_id}' and tags.`{TAG_ROLE}` = '{role}'")
 
 
 def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
@@ -611,52 +607,46 @@ def busy_message(claim: Claim) -> str:
     return f"being run by another process ({claim.holder}, run {claim.run_id}); left to it"
 
 
+def _log_batch(run_id: str, what: str, items: list, size: int) -> None:
+    """MLflow entities (``what``: "tags", "params" or "metrics") in ``log_batch`` calls of ``size`` at most."""
+    c = client()
+    for i in range(0, len(items), size):
+        retrying(lambda i=i: c.log_batch(run_id, **{what: items[i:i + size]}), resource=f"run {run_id}")
+
+
 def log_tags(run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    c = client()
-    items = [RunTag(k, str(v)) for k, v in tags.items()]
-    for i in range(0, len(items), 90):
-        retrying(lambda i=i: c.log_batch(run_id, tags=items[i:i + 90]), resource=f"run {run_id}")
+    _log_batch(run_id, "tags", [RunTag(k, str(v)) for k, v in tags.items()], 90)
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log params, skipping ones already logged with the same value (resumed runs)."""
+    """Log the params ``run_id`` does not hold yet. MLflow params are immutable; a reused run (the study's
+    parent, a resumed cell) keeps a key's first value: the cell id pins every field that changes a cell's
+    results, and the parent's ``pnc.spec_digest`` tag names the latest spec."""
     from mlflow.entities import Param
 
-    c = client()
-    have = retrying(lambda: c.get_run(run_id), resource=f"run {run_id}").data.params
-    items = [Param(k, str(v)[:6000]) for k, v in params.items() if have.get(k) != str(v)[:6000]]
-    for i in range(0, len(items), 90):
-        retrying(lambda i=i: c.log_batch(run_id, params=items[i:i + 90]), resource=f"run {run_id}")
+    have = get_run(run_id).data.params
+    _log_batch(run_id, "params", [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have], 90)
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
-    c = client()
     ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
-    for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]), resource=f"run {run_id}")
+    _log_batch(run_id, "metrics", [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None], _MAX_BATCH)
 
 
 def log_layer_metrics(run_id: str, results: dict[str, Iterable[float]]) -> None:
-    """Per-layer curves: ``key`` -> values per layer, logged with step = layer index."""
+    """Per-layer curves: ``key`` -> values per layer, logged with step = layer index (None and NaN left out)."""
     import math
 
     from mlflow.entities import Metric
 
-    c = client()
     ts = int(time.time() * 1000)
-    items = []
-    for key, values in results.items():
-        for layer, v in enumerate(values):
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            items.append(Metric(key, float(v), ts, layer))
-    for i in range(0, len(items), _MAX_BATCH):
-        retrying(lambda i=i: c.log_batch(run_id, metrics=items[i:i + _MAX_BATCH]), resource=f"run {run_id}")
+    _log_batch(run_id, "metrics", [Metric(key, float(v), ts, layer) for key, values in results.items()
+                                   for layer, v in enumerate(values)
+                                   if v is not None and not (isinstance(v, float) and math.isnan(v))], _MAX_BATCH)
 
 
 def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
@@ -737,9 +727,7 @@ def layer_history(run_id: str, key: str) -> list[float]:
     """A per-layer curve back from MLflow, ordered by layer (step)."""
     c = client()
     hist = retrying(lambda: c.get_metric_history(run_id, key))
-    by_step: dict[int, float] = {}
-    for m in sorted(hist, key=lambda m: m.timestamp):
-        by_step[m.step] = m.value
+    by_step = {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}  # a step logged twice: the last value
     return [by_step[s] for s in sorted(by_step)]
 
 

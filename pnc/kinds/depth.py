@@ -89,7 +89,7 @@ class DepthSweep(StudyKind):
     # ------------------------------------------------------------------ one cell
     def run_cell(self, study: Any, cell: Any, data: CellData, prefix: str) -> Any:
         from .. import tracking
-        from ..engine import CellOutcome, cell_params, cell_tags, checkpoint_path, data_digest, log_params_once
+        from ..engine import CellOutcome, cell_params, cell_tags, checkpoint_path, data_digest
 
         spec, main = study.spec, study.main
         d = data(cell)
@@ -98,7 +98,7 @@ class DepthSweep(StudyKind):
         same = {tracking.TAG_DATA: digest, **origin}  # new data or another model version: a new run
 
         def claimed(run_id: str, reused: Any) -> None:
-            log_params_once(run_id, cell_params(spec, cell))
+            tracking.log_params(run_id, cell_params(spec, cell))
             tracking.log_inputs(run_id, d.inputs if reused is None else [])
             self.log_origin(run_id, origin)
 

@@ -178,13 +178,13 @@ class DomainTransfer(StudyKind):
     def train_source(self, study: Any, cell: Cell, src: Any, digest: str, name: str, prefix: str) -> tuple:
         """Train the cell's network on its source and register it: (status, run id, model version, reason)."""
         from .. import modelstore, snapshots, tracking
-        from ..engine import cell_params, cell_tags, checkpoint_path, log_params_once, train_cell
+        from ..engine import cell_params, cell_tags, checkpoint_path, train_cell
         from ..spec import spec_digest
 
         spec, main = study.spec, study.main
 
         def claimed(run_id: str, reused: Any) -> None:
-            log_params_once(run_id, cell_params(spec, cell))
+            tracking.log_params(run_id, cell_params(spec, cell))
             tracking.log_inputs(run_id, [] if reused else src.inputs)
             print(f"{prefix} {cell.name}: training on {cell.source} (run {run_id})", file=sys.stderr)
 
@@ -235,7 +235,7 @@ class DomainTransfer(StudyKind):
     def run_target(self, study: Any, cell: Cell, target: str, tdat: Any, net: Any, uri: str, mv: Any) -> tuple[dict, str]:
         """Measure the registered network of ``cell`` on ``target`` in its own sub-run: (summary, busy note)."""
         from .. import tracking
-        from ..engine import cell_params, data_digest, log_layers, log_params_once
+        from ..engine import cell_params, data_digest, log_layers
         from ..figures import layer_figure
         from ..metrics.geometry import REGISTRY
 
@@ -246,7 +246,7 @@ class DomainTransfer(StudyKind):
                 "pnc.model": cell.model.name, "pnc.depth": str(catalog.model_depth(cell.model.name)), **study.tags()}
 
         def claimed(run_id: str, reused: Any) -> None:
-            log_params_once(run_id, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
+            tracking.log_params(run_id, {**cell_params(spec, cell), "transfer.target": target, "model_uri": uri})
             if reused is None:
                 tracking.log_inputs(run_id, tdat.probe_inputs())
                 tracking.log_model_input(run_id, mv)
