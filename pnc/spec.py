@@ -187,11 +187,8 @@ def factory_problems(factory: str) -> list[str]:
 
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes (weights, factory source): part of a cell's id, so a changed file is a new cell."""
-    h = hashlib.sha256()
     with open(Path(path).expanduser(), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 @lru_cache(maxsize=32)
@@ -542,24 +539,21 @@ def _yaml():
     return y
 
 
-def _to_plain(node: Any) -> Any:
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+_PLAIN_SCALARS = {"ScalarFloat": float, "ScalarBoolean": bool, "ScalarInt": int, "HexInt": int, "OctalInt": int, "BinaryInt": int}
 
-    if isinstance(node, CommentedMap) or isinstance(node, dict):
+
+def _to_plain(node: Any) -> Any:
+    """A parsed document as plain dicts, lists and scalars (ruamel's own scalar types converted)."""
+    if isinstance(node, dict):  # also ruamel's CommentedMap
         return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _to_plain(v) for k, v in node.items()}
-    if isinstance(node, CommentedSeq) or isinstance(node, list):
+    if isinstance(node, list):  # also CommentedSeq
         return [_to_plain(v) for v in node]
-    if hasattr(node, "__float__") and type(node).__name__ == "ScalarFloat":
-        return float(node)
-    if type(node).__name__ in ("ScalarBoolean",):
-        return bool(node)
-    if type(node).__name__ in ("ScalarInt", "HexInt", "OctalInt", "BinaryInt"):
-        return int(node)
-    if type(node).__name__ in ("TaggedScalar",):
+    name = type(node).__name__
+    if name == "TaggedScalar":
         return str(node.value)
-    if isinstance(node, str):
-        return str(node)
-    return node
+    if name in _PLAIN_SCALARS:
+        return _PLAIN_SCALARS[name](node)
+    return str(node) if isinstance(node, str) else node
 
 
 def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
@@ -626,13 +620,6 @@ def _dotted(loc: tuple) -> str:
 def _message(err: dict, data: Any, loc: tuple) -> str:
     typ, msg = err["type"], err["msg"]
     if typ == "extra_forbidden":
-        parent = data
-        for part in loc[:-1]:
-            try:
-                parent = parent[part]
-            except Exception:  # noqa: BLE001
-                parent = None
-                break
         allowed = _allowed_keys(loc[:-1], data)
         hint = did_you_mean(str(loc[-1]), allowed) if allowed else ""
         return f"unknown key {loc[-1]!r}.{hint}"
@@ -659,45 +646,31 @@ def _allowed_keys(loc: tuple, data: Any) -> list[str]:
     if kind not in KINDS:
         return []
     cls = KINDS.get(kind).spec_class
-    node: Any = data
     for part in loc:
-        if isinstance(part, int):
-            node = node[part] if isinstance(node, list) and part < len(node) else None
+        if isinstance(part, int):  # an entry of a list: the list's model
             continue
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
             return []
-        node = node.get(part) if isinstance(node, dict) else None
-        ann = field.annotation
-        cls = _model_of(ann, node)
+        cls = _model_of(field.annotation)
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return list(cls.model_fields)
     return []
 
 
-def _model_of(ann: Any, node: Any) -> Any:
+def _model_of(ann: Any) -> Any:
+    """The pydantic model a field's annotation holds (through lists, ``Annotated`` and unions), or None."""
     import typing
 
-    args = typing.get_args(ann)
-    origin = typing.get_origin(ann)
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
-    if origin in (list,) and args:
-        return _model_of(args[0], node)
-    if origin is Annotated:
-        return _model_of(args[0], node)
-    if origin is Union or str(origin) == "typing.Union" or origin is type(int | str):
-        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        if len(models) == 1:
-            return models[0]
-        # discriminated union: pick by kind of the first list element when known
-        for m in models:
-            return m if not isinstance(node, list) else m
-    for a in args:
-        r = _model_of(a, node)
-        if r is not None:
-            return r
-    return None
+    args, origin = typing.get_args(ann), typing.get_origin(ann)
+    if origin in (list, Annotated) and args:
+        return _model_of(args[0])
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    if models and (origin is Union or origin is type(int | str)):  # of several (a discriminated union), the first
+        return models[0]
+    return next((m for m in map(_model_of, args) if m is not None), None)
 
 
 def parse_yaml_text(text: str, file: str) -> Any:
@@ -865,26 +838,20 @@ def validate_document(doc: Any, file: str, overrides: dict[tuple, str] | None = 
     try:
         spec = adapter().validate_python(data)
     except ValidationError as e:
-        problems, seen = [], set()
+        problems = []
         for err in e.errors():
             loc = _clean_loc(tuple(err["loc"]))
-            p = problem(loc, _message(err, data, loc), at_key=err["type"] == "extra_forbidden")
-            if str(p) not in seen:
-                seen.add(str(p))
-                problems.append(p)
+            problems.append(problem(loc, _message(err, data, loc), at_key=err["type"] == "extra_forbidden"))
         try:  # cross-field rules on the blocks that are valid: every problem at once (best effort)
             partial = _partial_spec(data)
             extra = semantic_problems(partial) if partial is not None else []
             extra += _duplicate_model_names(data)
         except Exception:  # noqa: BLE001 - the field-level problems above are reported regardless
             extra = []
-        for loc, msg in extra:
-            p = problem(loc, msg)
-            if str(p) not in seen:
-                seen.add(str(p))
-                problems.append(p)
-        problems.sort(key=lambda p: (p.file, p.line, p.col))
-        raise SpecError(problems) from None
+        unique: dict[str, Problem] = {}  # each message once (the first of equal ones)
+        for p in problems + [problem(loc, msg) for loc, msg in extra]:
+            unique.setdefault(str(p), p)
+        raise SpecError(sorted(unique.values(), key=lambda p: (p.file, p.line, p.col))) from None
     sem = semantic_problems(spec)
     if sem:
         raise SpecError([problem(loc, msg) for loc, msg in sem])

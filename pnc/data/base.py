@@ -133,11 +133,8 @@ def hash_cache_dir() -> Path:
 
 
 def _file_md5(path: str) -> str:
-    h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _open_cache(folder: Path):
