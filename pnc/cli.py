@@ -261,19 +261,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return lineage(args.run_id, as_json=args.json)
 
 
-COMMANDS = {
-    "validate": _cmd_validate,
-    "schema": _cmd_schema,
-    "plan": _cmd_plan,
-    "run": _cmd_run,
-    "report": _cmd_report,
-    "derive": _cmd_derive,
-    "embed": _cmd_embed,
-    "ui": _cmd_ui,
-    "lineage": _cmd_lineage,
-    "compare": _cmd_compare,
-    "estimate-noise": _cmd_estimate_noise,
-}
+COMMANDS = {name: globals()["_cmd_" + name.replace("-", "_")] for name in (
+    "validate", "schema", "plan", "run", "report", "derive", "embed", "ui", "lineage", "compare", "estimate-noise")}
 
 
 def _terminated(signum, frame):  # noqa: ARG001

@@ -336,6 +336,11 @@ class StudyRun:
     def tags(self) -> dict[str, str]:
         return run_tags(self.spec, self.spec_path, self.overrides)
 
+    def say(self, message: str) -> None:
+        """``message`` on stderr, from the main process only."""
+        if self.main:
+            print(message, file=sys.stderr)
+
     def broadcast(self, *values: Any) -> list:
         """The main process's ``values`` on every process (one collective; the values themselves when alone)."""
         box = list(values)

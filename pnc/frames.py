@@ -91,10 +91,6 @@ class RunSelection:
         self.notes: list[str] = []
         self._cache: dict[str, list] = {}
 
-    @property
-    def messages(self) -> list[str]:
-        return self.warnings + self.notes
-
     def resolved(self, role: str = "cell") -> bool:
         """Whether the runs of ``role`` were looked up already."""
         return role in self._cache
@@ -133,9 +129,8 @@ def _runs(experiment: str, role: str) -> list:
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = '{role}' and attributes.status = 'FINISHED'",
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = '{role}' and attributes.status = 'FINISHED'",
                          max_results=5000, order_by=["attributes.start_time ASC"])
-    return runs
 
 
 def _selected(experiment: str, role: str, runs: RunSelection | list | None) -> list:
@@ -237,10 +232,4 @@ def study_of(study: str) -> tuple[str, str, Any]:
         spec = load_spec(study)
         return spec.name, spec.experiment, spec
     return study, study, None
-
-
-def experiment_of(study: str) -> tuple[str, str]:
-    """(label, experiment) for a spec path or a study/experiment name."""
-    label, exp, _ = study_of(study)
-    return label, exp
 

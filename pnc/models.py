@@ -34,8 +34,6 @@ CIFAR_STEM_MAX_SIZE = 64  # ResNets at or below this image size get the CIFAR st
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity or 1x1 conv-BN projection shortcut (option B)."""
 
-    expansion = 1
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)

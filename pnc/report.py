@@ -18,7 +18,7 @@ from . import figures, tracking
 from .catalog import model_depth, model_order
 from .errors import PncError
 from .figures import log_axis
-from .frames import RunSelection, experiment_of, layer_frame, noise_key, study_of
+from .frames import RunSelection, layer_frame, noise_key, study_of
 from .registry import KINDS
 from .tracking import tracking_uri
 
@@ -139,7 +139,7 @@ def render_compare(studies: list[str], out: Path, metric: str | None = None) -> 
                        curve=[f"{m} {x}".strip() for m, x in zip(df.model, setting)])
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
-    name = "compare-" + "-".join(experiment_of(s)[0] for s in studies)
+    name = "compare-" + "-".join(study_of(s)[0] for s in studies)
     if metric:
         name += "-" + "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in metric)
 

@@ -310,19 +310,13 @@ def report_sections(spec: Any, folder: Path, selection: Any, curve_key: str, dyn
         md = d[(d.metric == m_metric) & (d.split == m_split)]
         if not md.empty:
             mem.append(epoch_heatmap(md, f"{label}: memorization ratio", log=True, boundary=1.0))
-    def rows(charts: list) -> Any:  # three per row, each with its own colour scale
-        return alt.vconcat(*[alt.hconcat(*charts[i:i + 3]).resolve_scale(color="independent")
-                             for i in range(0, len(charts), 3)]).resolve_scale(color="independent")
-
-    if heat:
-        save(rows(heat), folder, "dynamics_cdnv")
-        sections.append(("Collapse during training: log10 CDNV by epoch and layer", figure("dynamics_cdnv")))
-    if mem:
-        save(rows(mem), folder, "dynamics_mem")
-        sections.append(("Memorization during training: Delta by epoch and layer (outlined: Delta > 1)", figure("dynamics_mem")))
-    if lines:
-        save(rows(lines), folder, "dynamics_curves")
-        sections.append(("Per-layer CDNV at the measured epochs", figure("dynamics_curves")))
+    for charts, stem, title in ((heat, "dynamics_cdnv", "Collapse during training: log10 CDNV by epoch and layer"),
+                                (mem, "dynamics_mem", "Memorization during training: Delta by epoch and layer (outlined: Delta > 1)"),
+                                (lines, "dynamics_curves", "Per-layer CDNV at the measured epochs")):
+        if charts:  # three per row, each with its own colour scale
+            save(alt.vconcat(*[alt.hconcat(*charts[i:i + 3]).resolve_scale(color="independent")
+                               for i in range(0, len(charts), 3)]).resolve_scale(color="independent"), folder, stem)
+            sections.append((title, figure(stem)))
     if dynamics:
         t = pd.DataFrame([{"cell": name, "train acc 100% at epoch": d["train_acc_100_epoch"],
                            "transition first found at": (d.get("transition") or {}).get("first_found"),

@@ -87,11 +87,6 @@ def raw_splits(ds: Any, domain: str | None, train_fraction: float = TRAIN_FRACTI
     return load(ds.root, **({"domain": domain, "train_fraction": train_fraction, "seed": seed} if ds.info.domains else {}))
 
 
-def base_splits(ds: Any, domain: str | None = None, *, train_fraction: float = TRAIN_FRACTION) -> dict[str, tuple[ImageSplit, str, str]]:
-    """{split: (ImageSplit, path, digest)} of a dataset (and domain)."""
-    return {s: (sp, path, dig) for s, (sp, path, dig, _) in _base_splits(ds, domain, train_fraction).items()}
-
-
 def _base_splits(ds: Any, domain: str | None, train_fraction: float) -> dict[str, tuple[ImageSplit, str, str, dict]]:
     """{split: (ImageSplit, path, digest, raw)}; ``raw`` says how to reload a raw split ({} for embedded ones)."""
     from .store import split_digest
@@ -126,12 +121,6 @@ def derived_dir(study: str, tag: str, root: Path = DERIVED_ROOT) -> Path:
     return root / study / setting_dirname(tag)
 
 
-def _human_labels(spec: Any, train: ImageSplit) -> dict[str, np.ndarray]:
-    from .cifar10n import load_cifar_n
-
-    return load_cifar_n(spec.dataset.root, dataset=spec.dataset.name, train_labels=train.labels)
-
-
 def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str, out: Path, base_path: str | None = None,
                base_raw: dict | None = None) -> Path:
     """Write one derived split (idempotent: an existing, intact split is kept).
@@ -154,7 +143,9 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
     if base_path and (Path(base_path) / "manifest.json").exists():
         kwargs["base_path"] = base_path
     if setting.kind == "human":
-        kwargs["label_sets"] = _human_labels(spec, base_train)
+        from .cifar10n import load_cifar_n
+
+        kwargs["label_sets"] = load_cifar_n(spec.dataset.root, dataset=spec.dataset.name, train_labels=base_train.labels)
     split, manifest = derive_split(base_train, transform=setting.kind, level=setting.level, seed=spec.noise.seed, **kwargs)
     manifest = dict(manifest, base_digest=base_digest, base_name=base_train.name, study=spec.name, setting=setting.tag)
     if base_raw:
@@ -166,12 +157,8 @@ def derive_one(spec: Any, setting: Any, base_train: ImageSplit, base_digest: str
 def materialise_derived(spec: Any, settings: list, out_root: Path = DERIVED_ROOT) -> list[Path]:
     """The derived split of each noise setting of ``spec`` (the DVC stage ``derive@<study>``)."""
     train, path, digest, raw = _base_splits(spec.dataset, spec.dataset.domain, TRAIN_FRACTION)["train"]
-    written = []
-    for ns in settings:
-        if ns.is_clean:
-            continue
-        written.append(derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path, raw))
-    return written
+    return [derive_one(spec, ns, train, digest, derived_dir(spec.name, ns.tag, out_root), path, raw)
+            for ns in settings if not ns.is_clean]
 
 
 def materialise_embedded(name: str, out_root: Path = EMBEDDED_ROOT) -> Path:

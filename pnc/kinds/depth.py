@@ -105,21 +105,17 @@ class DepthSweep(StudyKind):
         att = study.claim(cell, {**same, **study.tags(), **cell_tags(spec, cell)},
                           usable=lambda r: all(r.data.tags.get(k) == v for k, v in same.items()), on_claimed=claimed)
         if att.decision == "skip":
-            if main:
-                print(f"{prefix} {cell.name}: finished earlier (run {att.run_id}), skipped", file=sys.stderr)
+            study.say(f"{prefix} {cell.name}: finished earlier (run {att.run_id}), skipped")
             return CellOutcome(cell, "SKIPPED", att.run_id)
         if att.decision == "busy":
-            if main:
-                print(f"{prefix} {cell.name}: {att.reason}", file=sys.stderr)
+            study.say(f"{prefix} {cell.name}: {att.reason}")
             return CellOutcome(cell, "BUSY", att.run_id, reason=att.reason)
-        if main:
-            print(f"{prefix} {cell.name} (cell {cell.id}, run {att.run_id})", file=sys.stderr)
+        study.say(f"{prefix} {cell.name} (cell {cell.id}, run {att.run_id})")
         t0 = time.time()
         status, summary, reason = study.execute(att.run_id, lambda: self.measure_network(study, cell, d, att.run_id),
                                                 checkpoint=checkpoint_path(spec, cell))
         if status == "FAILED":
-            if main:
-                print(f"  FAILED: {reason}", file=sys.stderr)
+            study.say(f"  FAILED: {reason}")
             return CellOutcome(cell, "FAILED", att.run_id, reason=reason)
         if main:
             summary["seconds"] = round(time.time() - t0, 1)

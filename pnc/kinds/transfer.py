@@ -193,8 +193,7 @@ class DomainTransfer(StudyKind):
                           run_name=f"{cell.name} (source training)", force=True,
                           usable=lambda r: r.data.tags.get(tracking.TAG_DATA) == digest, on_claimed=claimed)
         if att.decision == "busy":
-            if main:
-                print(f"{prefix} {cell.name}: {att.reason}", file=sys.stderr)
+            study.say(f"{prefix} {cell.name}: {att.reason}")
             return "BUSY", att.run_id, None, att.reason
         box: dict = {}
 
@@ -228,8 +227,8 @@ class DomainTransfer(StudyKind):
             return {}
 
         status, _, reason = study.execute(att.run_id, work, checkpoint=checkpoint_path(spec, cell))
-        if status == "FAILED" and main:
-            print(f"  FAILED: {reason}", file=sys.stderr)
+        if status == "FAILED":
+            study.say(f"  FAILED: {reason}")
         return status, att.run_id, box.get("mv"), reason
 
     def run_target(self, study: Any, cell: Cell, target: str, tdat: Any, net: Any, uri: str, mv: Any) -> tuple[dict, str]:
@@ -255,12 +254,10 @@ class DomainTransfer(StudyKind):
                           run_name=f"{cell.model.name}: {cell.source} -> {target}", on_claimed=claimed,
                           usable=lambda r: r.data.tags.get("pnc.model_uri") == uri and r.data.tags.get(tracking.TAG_DATA) == tdigest)
         if att.decision == "skip":
-            if main:
-                print(f"  {cell.source} -> {target}: finished earlier (run {att.run_id}), skipped", file=sys.stderr)
+            study.say(f"  {cell.source} -> {target}: finished earlier (run {att.run_id}), skipped")
             return {"run_id": att.run_id, "status": "SKIPPED"}, ""
         if att.decision == "busy":
-            if main:
-                print(f"  {cell.source} -> {target}: {att.reason}", file=sys.stderr)
+            study.say(f"  {cell.source} -> {target}: {att.reason}")
             return {"run_id": att.run_id, "status": "BUSY"}, f"{target}: {att.reason}"
 
         def work() -> dict:

@@ -87,7 +87,4 @@ class Comm:
     def sum(self, t: Tensor) -> Tensor:
         """Sum a tensor over processes (via all-gather, deterministic order)."""
         parts = self.all_gather(t)
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p
-        return total
+        return sum(parts[1:], parts[0].clone())

@@ -9,7 +9,6 @@ logged keys, the figures' labels and log axes and ``docs/metrics.md``'s table al
 For figures::
 
     from pnc.metrics.geometry import REGISTRY
-    REGISTRY.by_family()            # {"variability": [Metric, ...], "geometry": [...], ...}
     REGISTRY.for_key("nc1/train")   # the Metric behind a logged key (its .label, .log_axis, .better)
 """
 from __future__ import annotations
@@ -134,12 +133,6 @@ class Registry:
         matrix = {m.key for m in self if m.kind == "matrix"}
         curves = {k: v for k, v in results.items() if k.split("/", 1)[0] not in matrix}
         return curves, {k: v for k, v in results.items() if k not in curves}
-
-    def by_family(self) -> dict[str, list[Metric]]:
-        out: dict[str, list[Metric]] = {f: [] for f in FAMILIES}
-        for m in self:
-            out[m.family].append(m)
-        return out
 
     def for_key(self, key: str) -> Metric | None:
         """The metric behind a logged key ``<key>/<split>...`` (None for keys of no metric)."""
