@@ -70,8 +70,6 @@ CHUNK_ELEMENTS = 1 << 22  # array elements corrupted at once (32 MiB of float64)
 
 
 # ----------------------------------------------------------------------------- seeding / levels
-
-
 def _level_key(transform: str, level: Any) -> str:
     if transform in INPUT_TRANSFORMS:
         return str(int(level))
@@ -109,8 +107,6 @@ def _check_severity(transform: str, level: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- label noise
-
-
 def symmetric_labels(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
     """``round(rate * N)`` samples (uniform, without replacement) get a uniform label in 0..K-1."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -178,8 +174,6 @@ def _human_labels(level: Any, n: int, num_classes: int, base_name: str | None, c
 
 
 # ----------------------------------------------------------------------------- input corruptions
-
-
 def _corrupt_chunk(x: np.ndarray, transform: str, c: float, rng: np.random.Generator) -> np.ndarray:
     if transform == "gaussian_noise":
         y = x + rng.normal(size=x.shape, scale=c)
@@ -222,8 +216,6 @@ def corrupt_images(images: np.ndarray, transform: str, severity: int, rng: np.ra
 
 
 # ----------------------------------------------------------------------------- derive / materialise
-
-
 def derive_split(base: ImageSplit, *, transform: str, level: float | int | str, seed: int,
                  base_name: str | None = None, base_path: str | Path | None = None,
                  label_sets: Mapping[str, np.ndarray] | None = None,
