@@ -25,6 +25,14 @@ from typing import Any
 
 import numpy as np
 
+
+class _Result:
+    """A dataclass result of an analysis; ``as_dict`` is its JSON-able form (analysis.json, reports)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 # ----------------------------------------------------------------------------- transition detection
 
 MIN_SEGMENT = 3  # points per segment: a line through two points fits any noise exactly
@@ -36,7 +44,7 @@ SEED = 0  # seed of those simulations: every result is deterministic
 
 
 @dataclass
-class Transition:
+class Transition(_Result):
     """Result of :func:`detect_transition` on one curve.
 
     ``found``: whether the decline-plateau-decline shape is present. ``start``/``end``: first and
@@ -59,10 +67,6 @@ class Transition:
     phases: list[float] = field(default_factory=list)
     reason: str = ""
     p_value: float | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def _segment_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares lines through every run of consecutive points, for each row of ``y`` (B, n).
@@ -207,7 +211,7 @@ HEAD = "head"  # the part of a curve after the last stage: the pooled classifier
 
 
 @dataclass
-class StageCollapse:
+class StageCollapse(_Result):
     """Result of :func:`collapse_by_stage` on one curve.
 
     ``total_decline``: log CDNV at the first tap minus at the last (natural log; > 0 when CDNV falls).
@@ -223,10 +227,6 @@ class StageCollapse:
     total_decline: float
     parts: list[dict]
     reason: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def share(self, name: str) -> float | None:
         return next((p["share"] for p in self.parts if p["name"] == name), None)
 
@@ -275,17 +275,13 @@ def collapse_by_stage(cdnv: Sequence[float], stages: Sequence[Any]) -> StageColl
 
 # ----------------------------------------------------------------------------- efficient depth
 @dataclass
-class EfficientDepth:
+class EfficientDepth(_Result):
     transition_depth: int | None  # smallest depth whose curve shows the transition
     validation_depth: int  # depth a validation split picks (best val accuracy; smallest on ties)
     transition_test_acc: float | None
     validation_test_acc: float
     cost: float | None  # validation_test_acc - transition_test_acc (accuracy given up by the intrinsic choice)
     per_depth: list[dict]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def efficient_depth(depths: Sequence[int], curves: Sequence[Sequence[float]], val_acc: Sequence[float],
                     test_acc: Sequence[float], *, tie: float = 1e-9) -> EfficientDepth:
@@ -468,7 +464,7 @@ def _rho(num: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class TransferCorrelation:
+class TransferCorrelation(_Result):
     """Per relative depth: Spearman's rho between target collapse (-CDNV) and target probe accuracy.
 
     ``per_target[t]``: one row per grid point with rho across the off-domain (source, model) pairs
@@ -487,10 +483,6 @@ class TransferCorrelation:
     n_boot: int = N_BOOT
     seed: int = SEED
     n_perm: int = N_PERM
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def curves(self) -> dict[str, list[float]]:
         """MLflow per-step curves (step = grid point): pooled and per-target rho, interval and n."""
         import re
@@ -668,7 +660,7 @@ def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float], level: 
 
 
 @dataclass
-class TransitionOnset:
+class TransitionOnset(_Result):
     """When the transition forms during training: ``first_found`` is the first measured epoch at which
     :func:`detect_transition` finds it in that epoch's CDNV curve, ``stable_from`` the first measured epoch from
     which it is found at every later measured epoch too (None: not at the last one). ``found``: per epoch."""
@@ -677,10 +669,6 @@ class TransitionOnset:
     found: list[bool]
     first_found: int | None
     stable_from: int | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def transition_onset(epochs: Sequence[int], curves: Sequence[Sequence[float]]) -> TransitionOnset:
     """:class:`TransitionOnset` of per-epoch CDNV curves (``epochs`` ascending, one curve each)."""

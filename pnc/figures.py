@@ -209,16 +209,11 @@ def table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
 
 
-def umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def default_permissions(folder: Path) -> None:
     """Give ``folder`` and everything in it the modes a plain mkdir / open would: 0o777 & ~umask for folders,
     0o666 & ~umask for files."""
-    mask = umask()
+    mask = os.umask(0o022)  # read the umask (setting it is the only way), then put it back
+    os.umask(mask)
     dmode, fmode = 0o777 & ~mask, 0o666 & ~mask
     os.chmod(folder, dmode)
     for root, dirs, files in os.walk(folder):

@@ -21,10 +21,8 @@ def _resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
     """N x H x W x C uint8 -> float N x C x size x size in [0, 1] (bilinear, antialiased)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
-        out = []
-        for chunk in torch.split(x, 4096):
-            out.append(torch.nn.functional.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-        x = torch.cat(out).clamp_(0.0, 1.0)
+        x = torch.cat([torch.nn.functional.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                       for chunk in torch.split(x, 4096)]).clamp_(0.0, 1.0)
     return x
 
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..errors import DataError
 from .base import ImageSplit
+from .imagenet import IMG_EXTENSIONS
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_SPLITS = {"train": "train", "test": "test"}
 
 

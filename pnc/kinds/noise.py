@@ -120,27 +120,17 @@ class NoiseSweepSpec(StudySpecBase):
 
 def noise_settings(spec: Any) -> list[NoiseSetting]:
     """Every distinct noise setting of a noise_sweep, clean first, in spec order."""
-    out: list[NoiseSetting] = []
-
-    def add(s: NoiseSetting) -> None:
-        if s not in out:
-            out.append(s)
-
     clean = NoiseSetting("clean", "clean", 0)
+    found: list[NoiseSetting] = []
     for ln in spec.noise.label:
         if ln.kind == "human":
-            for s in ln.label_sets:
-                add(clean if s == "clean" else NoiseSetting("label", "human", s))
+            found += [clean if s == "clean" else NoiseSetting("label", "human", s) for s in ln.label_sets]
         else:
-            for r in ln.rates:
-                add(clean if r == 0 else NoiseSetting("label", ln.kind, float(r)))
+            found += [clean if r == 0 else NoiseSetting("label", ln.kind, float(r)) for r in ln.rates]
     for inp in spec.noise.input:
-        for s in inp.severities:
-            add(clean if s == 0 else NoiseSetting("input", inp.corruption, int(s)))
-    if clean in out:
-        out.remove(clean)
-        out.insert(0, clean)
-    return out
+        found += [clean if s == 0 else NoiseSetting("input", inp.corruption, int(s)) for s in inp.severities]
+    out = list(dict.fromkeys(found))  # each setting once, at its first place
+    return ([clean] if clean in out else []) + [s for s in out if s != clean]
 
 
 def data_key(cell: Any) -> str:

@@ -275,10 +275,7 @@ class _TrainLayer:
 
     @property
     def nbytes(self) -> int:
-        n = 0
-        for s in (self.coll, self.probe_stats, self.cache):
-            n += s.nbytes if s is not None else 0
-        return n
+        return sum(s.nbytes for s in (self.coll, self.probe_stats, self.cache) if s is not None)
 
     def summary(self, labeling: int) -> ClassSummary:
         if labeling in self.coll_labelings:

@@ -268,10 +268,7 @@ class FeatureCache:
             x, y, idx, prio = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64),
                                torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=F64))
         if comm is not None and comm.world_size > 1:
-            x = torch.cat(comm.all_gather_rows(x))
-            y = torch.cat(comm.all_gather_rows(y))
-            idx = torch.cat(comm.all_gather_rows(idx))
-            prio = torch.cat(comm.all_gather_rows(prio))
+            x, y, idx, prio = (torch.cat(comm.all_gather_rows(t)) for t in (x, y, idx, prio))
         self._x, self._y, self._idx, self._prio = [x], [y], [idx], [prio]
         self._compact()
         x, y, idx, _ = self._cat()

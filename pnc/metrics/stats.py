@@ -119,16 +119,11 @@ class ClassSummary:
 
     def merge(self, other: ClassSummary) -> ClassSummary:
         """Exact merge of the statistics of two disjoint sample sets."""
-        s_a, s_b = self.scatter, other.scatter
-        n, m, q, _ = chan_merge(self.count, self.mean, self.sq_dist, None, other.count, other.mean, other.sq_dist, None)
-        s = None
-        if s_a is not None and s_b is not None:
-            _, _, _, s = chan_merge(
-                self.count.unsqueeze(0), self.mean.unsqueeze(0), self.sq_dist.unsqueeze(0), s_a.unsqueeze(0),
-                other.count.unsqueeze(0), other.mean.unsqueeze(0), other.sq_dist.unsqueeze(0), s_b.unsqueeze(0),
-            )
-            s = s[0]
-        return ClassSummary(n, m, q, s)
+        both = self.scatter is not None and other.scatter is not None  # a scatter only when both sides have one
+        a, b = ([t.unsqueeze(0) if t is not None else None for t in (x.count, x.mean, x.sq_dist, x.scatter if both else None)]
+                for x in (self, other))  # one group of K classes; the scatter is summed over them
+        n, m, q, s = chan_merge(*a, *b)
+        return ClassSummary(n[0], m[0], q[0], None if s is None else s[0])
 
     def to(self, device: torch.device | str) -> ClassSummary:
         return ClassSummary(
