@@ -414,12 +414,8 @@ def rank_correlation(a: Sequence[float], b: Sequence[float], *, n_boot: int = N_
     if math.isnan(rho):
         return rho, math.nan, math.nan
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(a), len(a))
-        r = spearman(a[idx], b[idx])
-        if not math.isnan(r):
-            boots.append(r)
+    boots = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
+    boots = [r for r in boots if not math.isnan(r)]
     if not boots:
         return rho, math.nan, math.nan
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])

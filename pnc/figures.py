@@ -257,9 +257,8 @@ def publish(out: Path, name: str, fill) -> Path:
 def render_index(out: Path) -> Path:
     """``out/index.html`` linking every study report found under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    items = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "index.html").exists()):
-        items.append(f"<li><a href='{html.escape(d.name)}/index.html'>{html.escape(d.name)}</a></li>")
+    items = [f"<li><a href='{html.escape(d.name)}/index.html'>{html.escape(d.name)}</a></li>"
+             for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "index.html").exists())]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>pnc reports</title></head><body>"
             "<h1>pnc reports</h1><ul>" + "\n".join(items) + "</ul></body></html>")
     path = out / "index.html"

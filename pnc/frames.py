@@ -43,10 +43,7 @@ def spec_cells(spec: Any, role: str = "cell") -> dict[str, str]:
 
 def _newest(runs: list, key) -> list:
     """The newest run per ``key(run)``; ``runs`` come oldest first."""
-    latest: dict[str, Any] = {}
-    for r in runs:
-        latest[key(r)] = r
-    return list(latest.values())
+    return list({key(r): r for r in runs}.values())
 
 
 def _name_key(r: Any) -> str:

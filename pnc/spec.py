@@ -16,9 +16,10 @@ import re
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -147,10 +148,6 @@ class ModelSpec(SpecBlock):
             return "factory" if self.factory else "mlflow"
         return catalog.model_source(self.name) if self.source == "auto" else self.source
 
-    @property
-    def label(self) -> str:
-        return self.name
-
 
 def factory_file(factory: str) -> Path | None:
     """The source file of a ``factory`` ('path/file.py:fn' or 'package.module:fn'; found without running it)."""
@@ -245,6 +242,22 @@ class TrainSpec(SpecBlock):
     max_loss: float = Field(1e4, gt=0, description="A loss above this (or NaN) fails the cell as diverged.")
 
 
+def no_duplicates(v: list) -> list:
+    seen, dups = set(), []
+    for x in v:
+        key = json.dumps(x, sort_keys=True, default=str)
+        if key in seen:
+            dups.append(x)
+        seen.add(key)
+    if dups:
+        raise ValueError(f"duplicate entries: {', '.join(map(str, dups))}")
+    return v
+
+
+T = TypeVar("T")
+Unique = Annotated[list[T], AfterValidator(no_duplicates)]  # a list of distinct entries
+
+
 class LayerSelection(SpecBlock):
     """Tapped modules chosen by class name (``types``) and/or module-name glob pattern (``names``)."""
 
@@ -287,7 +300,7 @@ class MeasureSpec(SpecBlock):
                               "or {types: [module classes], names: [patterns]}."
     )
     reduction: str = Field("avgpool", pattern=r"^(avgpool|flatten|project:[1-9][0-9]*)$")
-    metrics: list[Literal[REGISTRY.selectable()]] = Field(  # the metric registry's choices (docs/metrics.md)
+    metrics: Unique[Literal[REGISTRY.selectable()]] = Field(  # the metric registry's choices (docs/metrics.md)
         default_factory=lambda: list(REGISTRY.defaults()), min_length=1)
     nc1_dim_cap: int = Field(DEFAULTS.nc1_dim_cap, ge=1, le=65536, description="NC1 is computed for layers of at most this dimension.")
     scatter_products: Literal[SCATTER_PRODUCTS] = Field(
@@ -298,16 +311,11 @@ class MeasureSpec(SpecBlock):
                                                         "pooled features from the first pass, so ncc_acc/train needs no "
                                                         "second pass; 0: always a second pass.")
     batch_size: int = Field(256, ge=1, le=1_000_000)
-    epochs: list[Annotated[int, Field(ge=0)]] = Field(
+    epochs: Unique[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list,
         description="Training studies: epochs at which every tapped layer is also measured during training (0 = at "
                     "initialisation; at most train.epochs; the final epoch is always measured). Stored per run as "
                     "layer_metrics.parquet (see README, 'Collapse during training').")
-
-    @field_validator("epochs")
-    @classmethod
-    def _unique_epochs(cls, v: list[int]) -> list[int]:
-        return no_duplicates(v)
 
     @field_validator("layers")
     @classmethod
@@ -317,11 +325,6 @@ class MeasureSpec(SpecBlock):
                 raise ValueError("layer pattern list is empty: give at least one pattern, or 'blocks'")
             no_duplicates(v)
         return v
-
-    @field_validator("metrics")
-    @classmethod
-    def _unique_metrics(cls, v: list[str]) -> list[str]:
-        return no_duplicates(v)
 
     @property
     def layer_selection(self) -> str | list[str] | dict[str, list[str]]:
@@ -343,18 +346,6 @@ class ProbeSpec(SpecBlock):
 class TrackingSpec(SpecBlock):
     experiment: str | None = Field(None, description="MLflow experiment; default: the study name.")
     registered_model: str | None = Field(None, description="Model-registry name (kinds that register models); default: '<study>-<model>'.")
-
-
-def no_duplicates(v: list) -> list:
-    seen, dups = set(), []
-    for x in v:
-        key = json.dumps(x, sort_keys=True, default=str)
-        if key in seen:
-            dups.append(x)
-        seen.add(key)
-    if dups:
-        raise ValueError(f"duplicate entries: {', '.join(map(str, dups))}")
-    return v
 
 
 # ----------------------------------------------------------------------------- studies

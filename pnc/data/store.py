@@ -88,13 +88,16 @@ def split_digest(dir: str | Path) -> str:
     return _digest_of({n: _file_sha256(d / n) for n in DATA_FILES if (d / n).is_file()})
 
 
-def _save(path: Path, data: bytes | np.ndarray) -> None:
-    """``data`` (bytes, or an array as ``.npy``) written to ``path`` and synced to disk."""
+def _save_npy(path: Path, a: np.ndarray) -> None:
     with open(path, "wb") as f:
-        if isinstance(data, np.ndarray):
-            np.save(f, np.ascontiguousarray(data), allow_pickle=False)
-        else:
-            f.write(data)
+        np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -118,15 +121,15 @@ def write_split(dir: str | Path, split: ImageSplit, manifest: Mapping[str, Any])
     old: Path | None = None
     try:
         if split.images is not None:
-            _save(tmp / IMAGES, split.images)
+            _save_npy(tmp / IMAGES, split.images)
             shape = list(split.images.shape[1:])
         else:
-            _save(tmp / PATHS, _dump_json([Path(p).as_posix() for p in split.paths]))
+            _save_bytes(tmp / PATHS, _dump_json([Path(p).as_posix() for p in split.paths]))
             shape = None
-        _save(tmp / LABELS, labels)
+        _save_npy(tmp / LABELS, labels)
         if clean is not None:
-            _save(tmp / CLEAN_LABELS, clean)
-        _save(tmp / CLASSES, _dump_json(list(split.classes)))
+            _save_npy(tmp / CLEAN_LABELS, clean)
+        _save_bytes(tmp / CLASSES, _dump_json(list(split.classes)))
         files = {n: _file_sha256(tmp / n) for n in DATA_FILES if (tmp / n).is_file()}
         full = dict(_jsonable(dict(manifest)))
         full.update(
@@ -135,7 +138,7 @@ def write_split(dir: str | Path, split: ImageSplit, manifest: Mapping[str, Any])
             files=files,
             digest=_digest_of(files),
         )
-        _save(tmp / MANIFEST, _dump_json(full))
+        _save_bytes(tmp / MANIFEST, _dump_json(full))
         _umask_permissions(tmp)
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

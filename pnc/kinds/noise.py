@@ -23,7 +23,7 @@ from .. import catalog
 from ..catalog import model_order
 from ..cells import NoiseSetting
 from ..errors import PncError, did_you_mean
-from ..spec import SpecBlock, StudySpecBase, no_duplicates, strings_of
+from ..spec import SpecBlock, StudySpecBase, Unique, no_duplicates, strings_of
 from .base import CellData, model_cells
 from .depth import DepthSweep
 
@@ -60,12 +60,7 @@ class HumanNoiseSpec(SpecBlock):
     """CIFAR-10N / CIFAR-100N human label sets."""
 
     kind: Literal["human"]
-    label_sets: list[str] = Field(min_length=1)
-
-    @field_validator("label_sets")
-    @classmethod
-    def _sets(cls, v: list[str]) -> list[str]:
-        return no_duplicates(v)
+    label_sets: Unique[str] = Field(min_length=1)
 
 
 def _check_rates(v: list[float]) -> list[float]:

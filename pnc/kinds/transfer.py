@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .. import catalog
 from ..catalog import TRAIN_FRACTION, model_order
 from ..cells import Cell
 from ..errors import PncError, did_you_mean
-from ..spec import SpecBlock, StudySpecBase, no_duplicates, strings_of
+from ..spec import SpecBlock, StudySpecBase, Unique, strings_of
 from .base import StudyKind, model_cells
 
 KEYS = [("cdnv/target", "CDNV (target)", True), ("nc2/target", "NC2 (target)", False),
@@ -38,14 +38,9 @@ ROLE = "transfer"  # the role of the (source, target) sub-runs
 
 # ----------------------------------------------------------------------------- spec
 class TransferSpec(SpecBlock):
-    sources: list[str] = Field(min_length=1)
-    targets: list[str] = Field(min_length=1)
+    sources: Unique[str] = Field(min_length=1)
+    targets: Unique[str] = Field(min_length=1)
     train_fraction: float = Field(TRAIN_FRACTION, gt=0, lt=1, description="Per-domain train share (datasets without official splits).")
-
-    @field_validator("sources", "targets")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        return no_duplicates(v)
 
 
 class DomainTransferSpec(StudySpecBase):
