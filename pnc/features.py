@@ -112,10 +112,9 @@ def select_layers(model: nn.Module, selection: Selection = "blocks") -> list[tup
     for pattern in patterns:
         hits = {n for n, _ in named if fnmatch.fnmatchcase(n, pattern)}
         if not hits and not fnmatch.fnmatchcase(PENULTIMATE, pattern):
-            raise ModelError(
-                f"layer pattern {pattern!r} of selection {selection!r} matches no module of "
-                f"{type(model).__name__}.{_sample(model, pattern)}"
-            )
+            names = [n for n, _ in named] + [PENULTIMATE, *KEYWORDS]
+            raise ModelError(f"layer pattern {pattern!r} of selection {selection!r} matches no module of "
+                             f"{type(model).__name__}.{did_you_mean(pattern, names, show=20)}")
         chosen |= hits
     classes = sorted({type(m).__name__ for _, m in named})
     for type_name in types:
@@ -181,11 +180,6 @@ def candidates(model: nn.Module) -> str:
     repeated = ", ".join(f"{t} (x{c})" for t, c in counts.most_common() if c > 1) or "none"
     return (f"Top-level modules: {top}. Repeated module types: {repeated}. E.g. `layers: {{types: [{counts.most_common(1)[0][0] if counts else 'Conv2d'}]}}` "
             "or `layers: ['features.*']`.")
-
-
-def _sample(model: nn.Module, wanted: str) -> str:
-    names = [n for n, _ in model.named_modules() if n] + [PENULTIMATE, *KEYWORDS]
-    return did_you_mean(wanted, names, show=20)
 
 
 # ----------------------------------------------------------------------------- Reduction
@@ -337,7 +331,7 @@ class FeatureExtractor:
         # clones made outside inference mode are ordinary tensors, usable by autograd (linear probes)
         features = OrderedDict((n, self._outputs[n].clone()) for n in self.layer_names)
         self._outputs = {}
-        return _clone(logits), features
+        return (logits.clone() if isinstance(logits, torch.Tensor) else logits), features
 
     def _merge(self, outputs: dict[str, torch.Tensor]) -> None:
         """Drop every tap whose reduced output equals a later tap's exactly (non-constant outputs only: two dead
@@ -372,10 +366,6 @@ class FeatureExtractor:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _clone(out: Any) -> Any:
-    return out.clone() if isinstance(out, torch.Tensor) else out
 
 
 def layer_dims(extractor: FeatureExtractor, example_input: torch.Tensor) -> dict[str, int]:

@@ -64,9 +64,7 @@ class Snapshots:
             results, names, accs = self.measure(model)
         finally:
             set_rng_state(saved)
-        results, _ = REGISTRY.split(results)  # matrix metrics (cdnv_matrix) stay out of the table
-        self.taken[epoch] = {"results": {k: [float(x) for x in v] for k, v in results.items()},
-                             "names": list(names), "accs": {k: float(v) for k, v in accs.items()}}
+        self.taken[epoch] = _entry(REGISTRY.split(results)[0], names, accs)  # matrix metrics (cdnv_matrix) stay out
 
     def state(self) -> str:
         """What the checkpoint keeps (JSON text; floats round-trip exactly)."""
@@ -79,9 +77,13 @@ class Snapshots:
 
     def with_final(self, results: dict, names: list[str], accs: dict) -> dict[int, dict]:
         """Every snapshot, the final epoch's being ``results`` (the cell's final measurement)."""
-        final = {"results": {k: [float(x) for x in v] for k, v in results.items()}, "names": list(names),
-                 "accs": {k: float(v) for k, v in accs.items() if v is not None}}
-        return {**self.taken, self.final: final}
+        return {**self.taken, self.final: _entry(results, names, accs)}
+
+
+def _entry(results: dict, names: list[str], accs: dict) -> dict:
+    """One epoch's snapshot as the checkpoint keeps it (plain floats; accuracies that are None left out)."""
+    return {"results": {k: [float(x) for x in v] for k, v in results.items()}, "names": list(names),
+            "accs": {k: float(v) for k, v in accs.items() if v is not None}}
 
 
 def make(spec: Any, measure: Callable[[Any], tuple[dict, list[str], dict]]) -> Snapshots | None:
