@@ -129,10 +129,6 @@ def as_str(x: Any) -> str:
     return x.decode("latin1") if isinstance(x, bytes) else str(x)
 
 
-def md5_of(raw: bytes) -> str:
-    return hashlib.md5(raw).hexdigest()
-
-
 # ----------------------------------------------------------------------------- CIFAR
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -247,7 +243,7 @@ def _class_names(meta: dict[str, Any], key: str, path: Path, *, dataset: str, ro
 
 
 def _check_md5(name: str, raw: bytes, path: Path, *, dataset: str, root: Path, layout: str) -> None:
-    got = md5_of(raw)
+    got = hashlib.md5(raw).hexdigest()
     if got != CIFAR_MD5[name]:
         raise data_error(
             f"{path}: md5 {got} differs from the published {CIFAR_MD5[name]} (the file holds as many rows as the "

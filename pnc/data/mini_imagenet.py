@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from pnc.data.base import ImageSplit, stratified_split
-from pnc.data.cifar import UNPICKLE_ERRORS, data_error, dataset_root, found, str_keys, unpickle
+from pnc.data.cifar import UNPICKLE_ERRORS, as_str, data_error, dataset_root, found, str_keys, unpickle
 
 REAL_PER_CLASS = 600
 PARTS = ("train", "val", "test")
@@ -106,7 +106,7 @@ def _read_pickles(root: Path) -> tuple[np.ndarray, list[str]]:
             desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
             raise _err(f"{f}: 'image_data' must be uint8 (N, H, W, 3) (84 x 84 in the real cache), got {desc}.", root, fix)
         owner = np.full(len(x), -1, dtype=np.int64)
-        names = [k.decode("latin1") if isinstance(k, bytes) else str(k) for k in d["class_dict"]]
+        names = [as_str(k) for k in d["class_dict"]]
         for j, idx in enumerate(d["class_dict"].values()):
             idx = np.asarray(idx, dtype=np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= len(x)):
