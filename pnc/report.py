@@ -56,14 +56,9 @@ def curve_keys() -> tuple[tuple[str, str], ...]:
 
 
 def _setting(row: Any, noise_varies: bool) -> str:
-    parts = []
-    if noise_varies or row.noise != "clean":
-        parts.append(f"noise={row.noise}")
-    if row.source:
-        parts.append(f"from {row.source}")
-    if row.target:
-        parts.append(f"on {row.target}")
-    return " ".join(parts)
+    parts = (f"noise={row.noise}" if noise_varies or row.noise != "clean" else "", f"from {row.source}" if row.source else "",
+             f"on {row.target}" if row.target else "")
+    return " ".join(p for p in parts if p)
 
 
 def _compare_panel(d: pd.DataFrame, title: str):

@@ -159,11 +159,7 @@ def file_md5s(paths: Sequence[str | Path], *, cache: Path | None = None) -> list
     import sqlite3
     import time
 
-    keys = []
-    for p in paths:
-        ap = os.path.abspath(p)
-        st = os.stat(ap)
-        keys.append((ap, st.st_size, st.st_mtime_ns))
+    keys = [(ap, st.st_size, st.st_mtime_ns) for ap in map(os.path.abspath, paths) for st in [os.stat(ap)]]
     con = _open_cache(hash_cache_dir() if cache is None else Path(cache))
     known: dict[str, tuple[int, int, str]] = {}
     if con is not None:

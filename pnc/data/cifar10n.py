@@ -152,9 +152,5 @@ def noise_rates(label_sets: dict[str, np.ndarray]) -> dict[str, float]:
 
     Coarse sets (``*coarse*``) are compared with ``clean_coarse`` when present, else skipped.
     """
-    out: dict[str, float] = {}
-    for k, v in label_sets.items():
-        ref = label_sets.get("clean_coarse") if "coarse" in k else label_sets["clean"]
-        if ref is not None and v.shape == ref.shape:
-            out[k] = float(np.mean(v != ref))
-    return out
+    ref = {k: label_sets.get("clean_coarse") if "coarse" in k else label_sets["clean"] for k in label_sets}
+    return {k: float(np.mean(v != ref[k])) for k, v in label_sets.items() if ref[k] is not None and v.shape == ref[k].shape}

@@ -156,10 +156,7 @@ def load_mini_imagenet(root: str | Path | None = None, *, train_per_class: int =
                    "restore the full class (600 images per class in the real data).")
     tr, te = stratified_split(labels, n_train, seed)
     meta = {"format": layout, "train_per_class": int(train_per_class), "seed": seed}
-    out = {}
-    for name, idx in (("train", tr), ("test", te)):
-        out[name] = ImageSplit(
-            name=name, classes=[str(c) for c in classes], labels=labels[idx],
-            images=None if images is None else images[idx],
-            paths=None if paths is None else [paths[i] for i in idx], source=str(base), meta=dict(meta))
-    return out
+    return {name: ImageSplit(name=name, classes=[str(c) for c in classes], labels=labels[idx],
+                             images=None if images is None else images[idx],
+                             paths=None if paths is None else [paths[i] for i in idx], source=str(base), meta=dict(meta))
+            for name, idx in (("train", tr), ("test", te))}

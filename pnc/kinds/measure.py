@@ -35,13 +35,10 @@ class Measure(DepthSweep):
     trains = False
 
     def rules(self, spec: Any) -> list[tuple[tuple, str]]:
-        out = []
-        for i, m in enumerate(spec.models):
-            if not (m.uri or m.factory or m.weights or m.pretrained):
-                out.append((("models", i), f"{m.name}: nothing to measure: a {self.name} study measures given networks; "
-                                           "give `weights: <checkpoint file>`, `uri: models:/<name>/<version>`, "
-                                           "`factory: <file.py>:<function>` or `pretrained: true` (library weights on disk)"))
-        return out
+        return [(("models", i), f"{m.name}: nothing to measure: a {self.name} study measures given networks; "
+                                "give `weights: <checkpoint file>`, `uri: models:/<name>/<version>`, "
+                                "`factory: <file.py>:<function>` or `pretrained: true` (library weights on disk)")
+                for i, m in enumerate(spec.models) if not (m.uri or m.factory or m.weights or m.pretrained)]
 
     def expand(self, spec: Any) -> list[Cell]:
         d = spec.model_dump(mode="json")
