@@ -296,10 +296,14 @@ def efficient_depth(depths: Sequence[int], curves: Sequence[Sequence[float]], va
     best_val = max(r["val_acc"] for r in rows)
     vpick = next(r for r in rows if r["val_acc"] >= best_val - tie)
     tpick = found[0] if found else None
-    return EfficientDepth(transition_depth=tpick["depth"] if tpick else None, validation_depth=vpick["depth"],
-                          transition_test_acc=tpick["test_acc"] if tpick else None,
-                          validation_test_acc=vpick["test_acc"],
-                          cost=(vpick["test_acc"] - tpick["test_acc"]) if tpick else None, per_depth=rows)
+    return EfficientDepth(
+        transition_depth=tpick["depth"] if tpick else None,
+        validation_depth=vpick["depth"],
+        transition_test_acc=tpick["test_acc"] if tpick else None,
+        validation_test_acc=vpick["test_acc"],
+        cost=(vpick["test_acc"] - tpick["test_acc"]) if tpick else None,
+        per_depth=rows,
+    )
 
 
 # ----------------------------------------------------------------------------- noise-level estimation

@@ -32,9 +32,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pnc",
-                description="Progressive neural collapse, measured layer by layer: specs -> DVC -> Accelerate -> MLflow -> Altair.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="pnc",
+        description="Progressive neural collapse, measured layer by layer: specs -> DVC -> Accelerate -> MLflow -> Altair.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"pnc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

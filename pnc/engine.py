@@ -274,13 +274,24 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
             evals[role] = batches(role)
     want_probe = "probe" in wanted and "test" in splits
     try:
-        result = measure(extract, batches("train"), evals or None, num_classes=num_classes, label_names=label_names,
-                         metrics=tuple(m for m in wanted if m != "probe" or want_probe),
-                         probe=spec.probe.kind if want_probe else None, nc1_dim_cap=spec.measure.nc1_dim_cap,
-                         scatter_products=spec.measure.scatter_products,
-                         keep_features_bytes=spec.measure.keep_features_bytes, val_fraction=spec.probe.val_fraction,
-                         logistic_max_samples=spec.probe.max_samples, seed=spec.train.seed,
-                         accelerator=accelerator if world > 1 else None, progress=progress, classifiers=heads)
+        result = measure(
+            extract,
+            batches("train"),
+            evals or None,
+            num_classes=num_classes,
+            label_names=label_names,
+            metrics=tuple(m for m in wanted if m != "probe" or want_probe),
+            probe=spec.probe.kind if want_probe else None,
+            nc1_dim_cap=spec.measure.nc1_dim_cap,
+            scatter_products=spec.measure.scatter_products,
+            keep_features_bytes=spec.measure.keep_features_bytes,
+            val_fraction=spec.probe.val_fraction,
+            logistic_max_samples=spec.probe.max_samples,
+            seed=spec.train.seed,
+            accelerator=accelerator if world > 1 else None,
+            progress=progress,
+            classifiers=heads,
+        )
     finally:
         extractor.close()
     names = LayerNames(result.layers, extractor.merged)

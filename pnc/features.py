@@ -101,8 +101,10 @@ def select_layers(model: nn.Module, selection: Selection = "blocks") -> list[tup
     if isinstance(selection, str) and selection in KEYWORDS:
         found = block_layers(model) if selection == "blocks" else stage_layers(model)
         if not found:
-            raise ModelError(f"layer selection {selection!r} found no residual or transformer blocks in "
-                             f"{type(model).__name__}; choose its layers by name or type instead. {candidates(model)}")
+            raise ModelError(
+                f"layer selection {selection!r} found no residual or transformer blocks in "
+                f"{type(model).__name__}; choose its layers by name or type instead. {candidates(model)}"
+            )
         return found + [(PENULTIMATE, classifier(model))]
     patterns, types = _parse_selection(selection)
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -118,8 +120,10 @@ def select_layers(model: nn.Module, selection: Selection = "blocks") -> list[tup
     for type_name in types:
         hits = {n for n, m in named if type(m).__name__ == type_name}
         if not hits:
-            raise ModelError(f"layer type {type_name!r} of selection {selection!r} matches no module of "
-                             f"{type(model).__name__}.{did_you_mean(type_name, classes)}")
+            raise ModelError(
+                f"layer type {type_name!r} of selection {selection!r} matches no module of "
+                f"{type(model).__name__}.{did_you_mean(type_name, classes)}"
+            )
         chosen |= hits
     result = [(n, m) for n, m in named if n in chosen]
     if any(fnmatch.fnmatchcase(PENULTIMATE, p) for p in patterns):

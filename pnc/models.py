@@ -59,7 +59,13 @@ class CifarResNet(nn.Module):
     """ResNet of depth 6n+2: 3x3 conv (16), three stages of n BasicBlocks (16/32/64, strides 1/2/2),
     global average pooling and a linear classifier ``fc``. Blocks are ``layer1.0`` ... ``layer3.{n-1}``."""
 
-    def __init__(self, depth: int, num_classes: int, in_chans: int = 3, widths: tuple[int, int, int] = (16, 32, 64)):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        in_chans: int = 3,
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ModelError(f"a CIFAR ResNet has depth 6n+2 >= 8 (8, 14, 20, 32, ...), got {depth}")
@@ -163,8 +169,14 @@ def _build_timm(name: str, *, num_classes: int, in_chans: int, weights_file: Pat
 
     overlay = {"file": str(weights_file)} if weights_file is not None else None
     try:
-        return timm.create_model(name, pretrained=weights_file is not None, pretrained_cfg_overlay=overlay,
-                                 num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(
+            name,
+            pretrained=weights_file is not None,
+            pretrained_cfg_overlay=overlay,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **kwargs,
+        )
     except TypeError as e:
         raise ModelError(f"{name}: bad model argument for timm: {e}") from None
 
@@ -240,9 +252,19 @@ def _source_has(source: str, name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- Factory
-def build_model(name: str, *, num_classes: int, in_chans: int = 3, image_size: int = 32, source: str = "auto",
-                cifar_stem: bool | None = None, pretrained: bool = False, weights: str | Path | None = None,
-                strict_weights: bool = False, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int = 32,
+    source: str = "auto",
+    cifar_stem: bool | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    strict_weights: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     """Build ``name`` for ``num_classes`` classes and ``in_chans`` x ``image_size`` x ``image_size`` inputs.
 
     ``source``: "auto" (``catalog.model_source``), "pnc", "torchvision" or "timm".
@@ -329,8 +351,10 @@ def _wants_cifar_stem(model: nn.Module, source: str, image_size: int, cifar_stem
     if cifar_stem is None:
         return has_resnet_stem(model) and image_size <= CIFAR_STEM_MAX_SIZE
     if cifar_stem and not has_resnet_stem(model):
-        raise ModelError(f"{name}: `cifar_stem: true` needs a ResNet-style stem (conv1, bn1, maxpool); "
-                         f"{type(model).__name__} has none. Drop `cifar_stem` for this model.")
+        raise ModelError(
+            f"{name}: `cifar_stem: true` needs a ResNet-style stem (conv1, bn1, maxpool); "
+            f"{type(model).__name__} has none. Drop `cifar_stem` for this model."
+        )
     return cifar_stem
 
 
@@ -355,8 +379,10 @@ def set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
 
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
-            new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                            conv.groups, conv.bias is not None, conv.padding_mode)
+            new = nn.Conv2d(
+                in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            )
             with torch.no_grad():
                 new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
                 if conv.bias is not None:
@@ -379,9 +405,11 @@ def find_weights(name: str, source: str, weights: str | Path | None) -> Path:
     if cached is not None:
         return cached
     where = f" or place the file at {expected}" if expected else ""
-    raise ModelError(f"{name}: pretrained weights are not on disk and pnc cannot download them (no network). "
-                     f"Download them elsewhere and set `weights: /path/to/file`{where}; "
-                     f"or set `pretrained: false` to train from scratch.")
+    raise ModelError(
+        f"{name}: pretrained weights are not on disk and pnc cannot download them (no network). "
+        f"Download them elsewhere and set `weights: /path/to/file`{where}; "
+        f"or set `pretrained: false` to train from scratch."
+    )
 
 
 def cached_weights(name: str, source: str) -> tuple[Path | None, str]:
@@ -480,8 +508,10 @@ def load_weights_file(model: nn.Module, path: Path, *, strict: bool = False) -> 
     missing = [k for k in missing if k not in skipped]
     bad = [k for k in fitted if k in own and own[k].shape != fitted[k].shape]
     if missing or unexpected or bad:
-        raise ModelError(f"weights file {str(path)!r} does not fit {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad[:5]}")
+        raise ModelError(
+            f"weights file {str(path)!r} does not fit {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad[:5]}"
+        )
     return model
 
 

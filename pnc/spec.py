@@ -124,8 +124,10 @@ class ModelSpec(SpecBlock):
             return v
         if catalog.model_source(v) is None:
             hint = did_you_mean(v, catalog.all_model_names(), show=0).split(" Available:")[0]
-            raise ValueError(f"unknown model {v!r}.{hint} Known: pnc's CIFAR ResNets ({', '.join(catalog.pnc_model_names()[:7])}) "
-                             "and every torchvision/timm classification model name verbatim (listed in pnc/model_names.json).")
+            raise ValueError(
+                f"unknown model {v!r}.{hint} Known: pnc's CIFAR ResNets ({', '.join(catalog.pnc_model_names()[:7])}) "
+                "and every torchvision/timm classification model name verbatim (listed in pnc/model_names.json)."
+            )
         return v
 
     @model_validator(mode="after")

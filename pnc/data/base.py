@@ -69,9 +69,13 @@ class ImageSplit:
 
     def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> ImageSplit:
         index = np.asarray(index, dtype=np.int64)
-        return replace(self, name=name or self.name, labels=self.labels[index],
-                       images=None if self.images is None else self.images[index],
-                       paths=None if self.paths is None else [self.paths[i] for i in index])
+        return replace(
+            self,
+            name=name or self.name,
+            labels=self.labels[index],
+            images=None if self.images is None else self.images[index],
+            paths=None if self.paths is None else [self.paths[i] for i in index],
+        )
 
     def with_labels(self, labels: np.ndarray, name: str | None = None) -> ImageSplit:
         return replace(self, name=name or self.name, labels=np.asarray(labels, dtype=np.int64))

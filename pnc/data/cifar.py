@@ -60,9 +60,11 @@ def data_error(problem: str, *, dataset: str, layout: str, found: str | None = N
     lines = [problem, "Expected layout:", layout.rstrip()]
     if found:
         lines.append(f"Found: {found}")
-    lines.append(f"Fix: {fix} pnc looks under $PNC_DATA_ROOT/{raw}/ (default data/raw/{raw}/) unless a root is "
-                 f"given explicitly; set {DATA_ROOT_ENV} to the folder that holds '{raw}/' if the data lives "
-                 f"elsewhere; {README_SECTION}.")
+    lines.append(
+        f"Fix: {fix} pnc looks under $PNC_DATA_ROOT/{raw}/ (default data/raw/{raw}/) unless a root is "
+        f"given explicitly; set {DATA_ROOT_ENV} to the folder that holds '{raw}/' if the data lives "
+        f"elsewhere; {README_SECTION}."
+    )
     return DataError("\n".join(lines))
 
 
@@ -185,14 +187,18 @@ def _read_cifar_file(path: Path, *, dataset: str, root: Path, layout: str) -> tu
     try:
         obj = unpickle(raw)
     except UNPICKLE_ERRORS as e:
-        raise data_error(f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is truncated or not a CIFAR pickle "
-                         f"({len(raw)} bytes).", dataset=dataset, layout=layout.format(root=root),
-                         found=found(path.parent),
-                         fix=f"delete {path} and re-extract it: {_cifar_fix(dataset, root)}") from None
+        raise data_error(
+            f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is truncated or not a CIFAR pickle "
+            f"({len(raw)} bytes).",
+            dataset=dataset, layout=layout.format(root=root), found=found(path.parent),
+            fix=f"delete {path} and re-extract it: {_cifar_fix(dataset, root)}",
+        ) from None
     if not isinstance(obj, dict):
-        raise data_error(f"{path}: expected a pickled dict, got {type(obj).__name__}.", dataset=dataset,
-                         layout=layout.format(root=root), found=found(path.parent),
-                         fix=f"replace {path} with the original file: {_cifar_fix(dataset, root)}")
+        raise data_error(
+            f"{path}: expected a pickled dict, got {type(obj).__name__}.",
+            dataset=dataset, layout=layout.format(root=root), found=found(path.parent),
+            fix=f"replace {path} with the original file: {_cifar_fix(dataset, root)}",
+        )
     return str_keys(obj), raw
 
 
@@ -239,11 +245,12 @@ def _class_names(meta: dict[str, Any], key: str, path: Path, *, dataset: str, ro
 def _check_md5(name: str, raw: bytes, path: Path, *, dataset: str, root: Path, layout: str) -> None:
     got = hashlib.md5(raw).hexdigest()
     if got != CIFAR_MD5[name]:
-        raise data_error(f"{path}: md5 {got} differs from the published {CIFAR_MD5[name]} (the file holds as many rows as the "
-                         f"real one, so pnc checks it).", dataset=dataset, layout=layout.format(root=root),
-                         found=found(path.parent),
-                         fix=f"re-download and extract the archive ({CIFAR_URL[dataset]}); if you changed the files on "
-                             f"purpose, pass verify_md5=False.")
+        raise data_error(
+            f"{path}: md5 {got} differs from the published {CIFAR_MD5[name]} (the file holds as many rows as the "
+            f"real one, so pnc checks it).",
+            dataset=dataset, layout=layout.format(root=root), found=found(path.parent),
+            fix=f"re-download and extract the archive ({CIFAR_URL[dataset]}); if you changed the files on "
+                f"purpose, pass verify_md5=False.")
 
 
 def _load_cifar(dataset: str, root: str | Path | None, folder: str, splits: dict[str, list[str]],

@@ -138,12 +138,13 @@ def load_cifar_n(path: str | Path | None = None, *, dataset: Literal["cifar10", 
         t = np.asarray(train_labels)
         bad = np.flatnonzero(out["clean"] != t)
         if bad.size:
-            raise data_error(f"{p}: 'clean_label' differs from the CIFAR training labels at {bad.size} of {n} positions "
-                             f"(first at index {int(bad[0])}: {int(out['clean'][bad[0]])} in the file vs {int(t[bad[0]])} in "
-                             f"CIFAR); the label file must follow the python training order (data_batch_1..5 concatenated).",
-                             dataset=dataset, layout=_layout(dataset, p),
-                             fix=f"use the official {fname} from {CIFAR_N_URL} with the original CIFAR python pickles (not a "
-                                 f"re-ordered or re-exported copy of either).")
+            raise data_error(
+                f"{p}: 'clean_label' differs from the CIFAR training labels at {bad.size} of {n} positions "
+                f"(first at index {int(bad[0])}: {int(out['clean'][bad[0]])} in the file vs {int(t[bad[0]])} in "
+                f"CIFAR); the label file must follow the python training order (data_batch_1..5 concatenated).",
+                dataset=dataset, layout=_layout(dataset, p),
+                fix=f"use the official {fname} from {CIFAR_N_URL} with the original CIFAR python pickles (not a "
+                    f"re-ordered or re-exported copy of either).")
     return out
 
 

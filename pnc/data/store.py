@@ -132,9 +132,12 @@ def write_split(dir: str | Path, split: ImageSplit, manifest: Mapping[str, Any])
         _save_bytes(tmp / CLASSES, _dump_json(list(split.classes)))
         files = {n: _file_sha256(tmp / n) for n in DATA_FILES if (tmp / n).is_file()}
         full = dict(_jsonable(dict(manifest)))
-        full.update(format_version=FORMAT_VERSION, contents={"name": split.name, "source": split.source,
-                                                             "num_samples": len(labels), "image_shape": shape},
-                    files=files, digest=_digest_of(files))
+        full.update(
+            format_version=FORMAT_VERSION,
+            contents={"name": split.name, "source": split.source, "num_samples": len(labels), "image_shape": shape},
+            files=files,
+            digest=_digest_of(files),
+        )
         _save_bytes(tmp / MANIFEST, _dump_json(full))
         _umask_permissions(tmp)
         if target.exists() or target.is_symlink():

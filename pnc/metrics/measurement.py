@@ -287,8 +287,11 @@ class _TrainLayer:
 
 class _EvalLayer:
     def __init__(self, dim: int, *, num_labelings: int, nc1_ok: bool, collapse: bool, cfg: _Config, device):
-        self.coll = (ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device,
-                                products=cfg.scatter_products) if collapse else None)
+        self.coll = (
+            ClassStats(cfg.num_classes, dim, num_labelings=num_labelings, scatter=nc1_ok, device=device,
+                       products=cfg.scatter_products)
+            if collapse else None
+        )
         self.ncc_correct = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
         self.probe_correct = torch.zeros((), dtype=torch.int64, device=device)
         self.nc4_agree = torch.zeros(cfg.num_labelings, dtype=torch.int64, device=device)
@@ -372,16 +375,29 @@ def _classifier_values(s: ClassSummary, cfg: _Config, clf: tuple[Tensor, Tensor]
 
 
 # ----------------------------------------------------------------------------- measure
-def measure(extract: Callable[[Any], Mapping[str, Tensor]], train_batches: Iterable,
-            eval_batches: Iterable | Mapping[str, Iterable] | None = None, *, num_classes: int,
-            label_names: Sequence[str] = ("label",), metrics: Sequence[str] = METRICS, probe: str | None = "ridge",
-            probe_labels: str | int | None = None, nc1_dim_cap: int = DEFAULTS.nc1_dim_cap,
-            probe_dim_cap: int = DEFAULTS.probe_dim_cap, val_fraction: float = DEFAULTS.val_fraction, seed: int = 0,
-            ridge_alphas: Sequence[float] = DEFAULTS.ridge_alphas, logistic_cs: Sequence[float] = DEFAULTS.logistic_cs,
-            logistic_max_samples: int = DEFAULTS.max_samples, accelerator: Any = None, progress: bool = True,
-            classifiers: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-            scatter_products: str = DEFAULTS.scatter_products,
-            keep_features_bytes: int = DEFAULTS.keep_features_bytes) -> Measurements:
+def measure(
+    extract: Callable[[Any], Mapping[str, Tensor]],
+    train_batches: Iterable,
+    eval_batches: Iterable | Mapping[str, Iterable] | None = None,
+    *,
+    num_classes: int,
+    label_names: Sequence[str] = ("label",),
+    metrics: Sequence[str] = METRICS,
+    probe: str | None = "ridge",
+    probe_labels: str | int | None = None,
+    nc1_dim_cap: int = DEFAULTS.nc1_dim_cap,
+    probe_dim_cap: int = DEFAULTS.probe_dim_cap,
+    val_fraction: float = DEFAULTS.val_fraction,
+    seed: int = 0,
+    ridge_alphas: Sequence[float] = DEFAULTS.ridge_alphas,
+    logistic_cs: Sequence[float] = DEFAULTS.logistic_cs,
+    logistic_max_samples: int = DEFAULTS.max_samples,
+    accelerator: Any = None,
+    progress: bool = True,
+    classifiers: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    scatter_products: str = DEFAULTS.scatter_products,
+    keep_features_bytes: int = DEFAULTS.keep_features_bytes,
+) -> Measurements:
     """Measure every tapped layer in one forward pass over the training split and one per eval split.
 
     Args:
@@ -432,12 +448,14 @@ def measure(extract: Callable[[Any], Mapping[str, Tensor]], train_batches: Itera
         raise ValueError(f"val_fraction must lie in (0, 1) when a probe is requested; got {val_fraction}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}")
-    cfg = _Config(num_classes=int(num_classes), label_names=names, metrics=mset, probe=probe if want_probe else None,
-                  probe_col=_resolve_probe_col(probe_labels, names), nc1_dim_cap=int(nc1_dim_cap),
-                  probe_dim_cap=int(probe_dim_cap), val_fraction=float(val_fraction), seed=int(seed),
-                  ridge_alphas=tuple(float(a) for a in ridge_alphas), logistic_cs=tuple(float(c) for c in logistic_cs),
-                  logistic_max_samples=int(logistic_max_samples), scatter_products=str(scatter_products),
-                  keep_features_bytes=int(keep_features_bytes))
+    cfg = _Config(
+        num_classes=int(num_classes), label_names=names, metrics=mset, probe=probe if want_probe else None,
+        probe_col=_resolve_probe_col(probe_labels, names), nc1_dim_cap=int(nc1_dim_cap),
+        probe_dim_cap=int(probe_dim_cap), val_fraction=float(val_fraction), seed=int(seed),
+        ridge_alphas=tuple(float(a) for a in ridge_alphas), logistic_cs=tuple(float(c) for c in logistic_cs),
+        logistic_max_samples=int(logistic_max_samples), scatter_products=str(scatter_products),
+        keep_features_bytes=int(keep_features_bytes),
+    )
     if cfg.scatter_products not in SCATTER_PRODUCTS:
         raise ValueError(f"scatter_products must be one of {list(SCATTER_PRODUCTS)}; got {scatter_products!r}")
     if eval_batches is None:
@@ -501,8 +519,10 @@ def measure(extract: Callable[[Any], Mapping[str, Tensor]], train_batches: Itera
     matrices: dict[str, list[np.ndarray]] = {}
     nclayers = [lay.name for lay in layers if cfg.want_nc1 and not lay.nc1_ok]
     if nclayers:
-        warnings.warn(f"NC1 skipped (NaN) for layers wider than nc1_dim_cap={cfg.nc1_dim_cap}: {nclayers}",
-                      MetricWarning, stacklevel=2)
+        warnings.warn(
+            f"NC1 skipped (NaN) for layers wider than nc1_dim_cap={cfg.nc1_dim_cap}: {nclayers}", MetricWarning,
+            stacklevel=2,
+        )
     train_summaries: list[list[ClassSummary]] = []
     if cfg.want_stats:
         train_summaries = [[lay.summary(l) for l in range(L)] for lay in layers]
@@ -580,13 +600,17 @@ def measure(extract: Callable[[Any], Mapping[str, Tensor]], train_batches: Itera
             "probe_labels": names[cfg.probe_col] if cfg.probe else None, "state_bytes": state_bytes,
             "train_eval": None if TRAIN not in evals else "kept features" if from_kept else "second pass",
             "kept_feature_bytes": kept.nbytes if from_kept else 0, "scatter_products": cfg.scatter_products}
-    return Measurements(layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
-                        memorization_layers=mem_layers, samples=samples, info=info, matrices=matrices)
+    return Measurements(
+        layers=list(layer_names), dims=[lay.dim for lay in layers], metrics=out,
+        memorization_layers=mem_layers, samples=samples, info=info, matrices=matrices,
+    )
 
 
-def _eval_pass(source: Iterable[_Batch], split: str, cfg: _Config, layers: list[_TrainLayer], probes: list[LinearProbe],
-               nccs: list[list[NearestClassMean]], comm: Comm,
-               clfs: list[tuple[Tensor, Tensor] | None] | None = None) -> dict[str, Any]:
+def _eval_pass(
+    source: Iterable[_Batch], split: str, cfg: _Config, layers: list[_TrainLayer],
+    probes: list[LinearProbe], nccs: list[list[NearestClassMean]], comm: Comm,
+    clfs: list[tuple[Tensor, Tensor] | None] | None = None,
+) -> dict[str, Any]:
     L = cfg.num_labelings
     collapse = cfg.want_collapse and split != TRAIN
     state: list[_EvalLayer] | None = None
@@ -688,8 +712,10 @@ def _eval_columns(ncols: int, L: int, split: str) -> int:
 
 
 def _make_eval_state(layers: list[_TrainLayer], ecols: int, collapse: bool, cfg: _Config, device) -> list[_EvalLayer]:
-    return [_EvalLayer(lay.dim, num_labelings=ecols, nc1_ok=lay.nc1_ok, collapse=collapse, cfg=cfg,
-                       device=device) for lay in layers]
+    return [
+        _EvalLayer(lay.dim, num_labelings=ecols, nc1_ok=lay.nc1_ok, collapse=collapse, cfg=cfg, device=device)
+        for lay in layers
+    ]
 
 
 # ----------------------------------------------------------------------------- convenience API

@@ -211,8 +211,10 @@ def fit_ridge(
     chosen = max(i for i, v in enumerate(scores) if v <= best + tol)
     alpha = float(alphas[chosen])
     w, xbar, ybar = ridge_solve(fit.merge(val), alpha)
-    return LinearProbe(weight=w, bias=ybar, center=xbar, scale=None, kind="ridge", reg=alpha, grid=tuple(alphas),
-                       val_scores=scores, sketch=sketch, info={"n_fit": fit.total, "n_val": val.total})
+    return LinearProbe(
+        weight=w, bias=ybar, center=xbar, scale=None, kind="ridge", reg=alpha, grid=tuple(alphas),
+        val_scores=scores, sketch=sketch, info={"n_fit": fit.total, "n_val": val.total},
+    )
 
 
 # ----------------------------------------------------------------------------- logistic
@@ -316,8 +318,10 @@ def _constant_probe(cls: int, dim: int, num_classes: int) -> tuple[np.ndarray, n
     return np.zeros((dim, num_classes)), b
 
 
-def fit_logistic(x: Tensor, y: Tensor, is_val: Tensor, num_classes: int, *, cs: tuple[float, ...] = LOGISTIC_CS,
-                 seed: int = 0, max_iter: int = 300, sketch: CountSketch | None = None) -> LinearProbe:
+def fit_logistic(
+    x: Tensor, y: Tensor, is_val: Tensor, num_classes: int, *, cs: tuple[float, ...] = LOGISTIC_CS,
+    seed: int = 0, max_iter: int = 300, sketch: CountSketch | None = None,
+) -> LinearProbe:
     """Multinomial logistic regression probe: standardise (fit-part statistics), choose C by
     validation accuracy (ties go to the smaller C, i.e. stronger regularisation, whatever the grid's order;
     L-BFGS warm-started along the grid, in the order given), refit on all given
@@ -327,8 +331,10 @@ def fit_logistic(x: Tensor, y: Tensor, is_val: Tensor, num_classes: int, *, cs: 
     yn = y.numpy()
     vm = is_val.numpy().astype(bool)
     if vm.sum() == 0 or (~vm).sum() == 0:
-        raise ValueError(f"logistic probe: the cached {'validation' if vm.sum() == 0 else 'fit'} part is empty "
-                         f"({len(yn)} samples cached); adjust val_fraction or use more samples")
+        raise ValueError(
+            f"logistic probe: the cached {'validation' if vm.sum() == 0 else 'fit'} part is empty "
+            f"({len(yn)} samples cached); adjust val_fraction or use more samples"
+        )
     xf, yf, xv, yv = xn[~vm], yn[~vm], xn[vm], yn[vm]
     mu, sd = _standardise(xf)
     xfs = ((xf - mu) / sd).astype(np.float32)
@@ -354,10 +360,11 @@ def fit_logistic(x: Tensor, y: Tensor, is_val: Tensor, num_classes: int, *, cs: 
         clf, ok = _fit_lr(xs, yn, c, seed, max_iter)
         all_converged &= ok
         w, b = _lr_to_linear(clf, num_classes)
-    return LinearProbe(weight=torch.from_numpy(w), bias=torch.from_numpy(b), center=torch.from_numpy(mu),
-                       scale=torch.from_numpy(sd), kind="logistic", reg=c, grid=tuple(cs), val_scores=scores,
-                       sketch=sketch, info={"n_fit": int((~vm).sum()), "n_val": int(vm.sum()),
-                                            "converged": bool(all_converged)})
+    return LinearProbe(
+        weight=torch.from_numpy(w), bias=torch.from_numpy(b), center=torch.from_numpy(mu),
+        scale=torch.from_numpy(sd), kind="logistic", reg=c, grid=tuple(cs), val_scores=scores, sketch=sketch,
+        info={"n_fit": int((~vm).sum()), "n_val": int(vm.sum()), "converged": bool(all_converged)},
+    )
 
 
 __all__ = [

@@ -47,8 +47,10 @@ _GRAM_BLOCK = 256
 _DENSE_PARTS_ON_CPU = False
 
 
-def chan_merge(n_a: Tensor, m_a: Tensor, q_a: Tensor, s_a: Tensor | None,
-               n_b: Tensor, m_b: Tensor, q_b: Tensor, s_b: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def chan_merge(
+    n_a: Tensor, m_a: Tensor, q_a: Tensor, s_a: Tensor | None,
+    n_b: Tensor, m_b: Tensor, q_b: Tensor, s_b: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Merge two sets of per-group statistics (Chan, Golub & LeVeque 1979), batched.
 
     ``n_*``: (..., G) int64 counts; ``m_*``: (..., G, D) float64 means; ``q_*``: (..., G) float64 sums
@@ -124,8 +126,10 @@ class ClassSummary:
         return ClassSummary(n[0], m[0], q[0], None if s is None else s[0])
 
     def to(self, device: torch.device | str) -> ClassSummary:
-        return ClassSummary(self.count.to(device), self.mean.to(device), self.sq_dist.to(device),
-                            None if self.scatter is None else self.scatter.to(device))
+        return ClassSummary(
+            self.count.to(device), self.mean.to(device), self.sq_dist.to(device),
+            None if self.scatter is None else self.scatter.to(device),
+        )
 
 
 class ClassStats:
@@ -156,12 +160,22 @@ class ClassStats:
     above the diagonal are accumulated (the scatter is symmetric); the others are filled when settled.
     """
 
-    def __init__(self, num_classes: int, dim: int, *, num_labelings: int = 1, num_parts: int = 1,
-                 scatter: bool | Sequence[bool] = False, device: torch.device | str | None = None,
-                 products: str = "float64"):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        num_labelings: int = 1,
+        num_parts: int = 1,
+        scatter: bool | Sequence[bool] = False,
+        device: torch.device | str | None = None,
+        products: str = "float64",
+    ):
         if num_classes < 1 or dim < 1 or num_labelings < 1 or num_parts < 1:
-            raise ValueError(f"ClassStats needs num_classes, dim, num_labelings, num_parts >= 1; got "
-                             f"{num_classes}, {dim}, {num_labelings}, {num_parts}")
+            raise ValueError(
+                f"ClassStats needs num_classes, dim, num_labelings, num_parts >= 1; got "
+                f"{num_classes}, {dim}, {num_labelings}, {num_parts}"
+            )
         if products not in SCATTER_PRODUCTS:
             raise ValueError(f"products must be one of {list(SCATTER_PRODUCTS)}; got {products!r}")
         K, D, L, P = int(num_classes), int(dim), int(num_labelings), int(num_parts)
@@ -199,8 +213,15 @@ class ClassStats:
         extra = [self.scatter, self.shift, self.fed_sq]
         return [self.count, self.mean, self.sq_dist] + ([t for t in extra if t is not None] if self.scatter is not None else [])
 
-    def update(self, features: Tensor, labels: Tensor, part: Tensor | None = None, mask: Tensor | None = None, *,
-               check: bool = True) -> None:
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        part: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        check: bool = True,
+    ) -> None:
         """Add a batch. ``features`` (B, D); ``labels`` (B,) or (B, L) integer; ``part`` (B,) integer in
         [0, P) or None (all in part 0); ``mask`` (B,) bool, False rows are ignored (padding)."""
         K, D, L, P = self.num_classes, self.dim, self.num_labelings, self.num_parts
@@ -340,8 +361,10 @@ class ClassStats:
         if self.scatter is not None:
             assert other.scatter is not None and self.shift is not None
             idx = list(self.scatter_labelings)
-            _, m, _, s = chan_merge(self.count[idx], self.mean[idx], self.sq_dist[idx], self.scatter,
-                                    o_count[idx], o_mean[idx], o_sq[idx], other.scatter.to(self.device))
+            _, m, _, s = chan_merge(
+                self.count[idx], self.mean[idx], self.sq_dist[idx], self.scatter,
+                o_count[idx], o_mean[idx], o_sq[idx], other.scatter.to(self.device),
+            )
             self.scatter = s
             self.shift = m.clone()
             assert self.fed_sq is not None and other.fed_sq is not None
@@ -359,8 +382,10 @@ class ClassStats:
 
     def empty_like(self) -> ClassStats:
         flags = [l in self._scatter_slot for l in range(self.num_labelings)]
-        return ClassStats(self.num_classes, self.dim, num_labelings=self.num_labelings, num_parts=self.num_parts,
-                          scatter=flags, device=self.device, products=self.products)
+        return ClassStats(
+            self.num_classes, self.dim, num_labelings=self.num_labelings, num_parts=self.num_parts,
+            scatter=flags, device=self.device, products=self.products,
+        )
 
     def all_reduce(self, comm: Comm | None = None, *, accelerator=None) -> ClassStats:
         """Replace the state by the exact merge over all processes (rank order), in place.
@@ -393,9 +418,10 @@ class ClassStats:
         parts = range(self.num_parts) if part is None else [part]
         out: ClassSummary | None = None
         for j in parts:
-            s = ClassSummary(self.count[labeling, j].clone(), self.mean[labeling, j].clone(),
-                             self.sq_dist[labeling, j].clone(),
-                             None if slot is None or self.scatter is None else self.scatter[slot, j].clone())
+            s = ClassSummary(
+                self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
+                None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
+            )
             out = s if out is None else out.merge(s)
         assert out is not None
         return out
@@ -407,5 +433,7 @@ def check_labels(y: Tensor, num_classes: int) -> None:
         return
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]. "
-                         "Pass the right num_classes, or mask out unlabelled samples.")
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]. "
+            "Pass the right num_classes, or mask out unlabelled samples."
+        )
