@@ -153,28 +153,39 @@ def collapse_bars(df: pd.DataFrame, order: list[str], title: str, width: int = 4
 
 
 def layer_figure(results: dict[str, list[float]], names: list[str], title: str) -> Any:
-    """One run's per-layer curves as a matplotlib figure (a panel per logged key, x = layer index, log y where the
-    metric's registration says so), the image a cell run logs as ``layers.png`` for its run page."""
+    """One run's per-layer curves as a matplotlib figure, the image a cell run logs as ``layers.png`` for its run
+    page: a panel per metric (the part of a logged key ``<metric>/<split>`` before the slash) with a line per split,
+    x = layer index, log y where the metric's registration says so. Drawn without a layout engine (a fixed grid):
+    constrained layout measured every tick label of every panel and took most of a small cell's logging time."""
     import math
 
     from matplotlib.figure import Figure
 
-    keys = [k for k, v in results.items() if len(v) == len(names) and any(x == x for x in v)]
-    cols = min(3, max(1, len(keys)))
-    rows = max(1, math.ceil(len(keys) / cols))
-    fig = Figure(figsize=(4.2 * cols, 2.8 * rows + 0.6), layout="constrained")
-    fig.suptitle(title, fontsize=10)
-    for i, key in enumerate(keys):
+    panels: dict[str, list[str]] = {}
+    for k, v in results.items():
+        if len(v) == len(names) and any(x == x for x in v):
+            panels.setdefault(k.split("/", 1)[0], []).append(k)
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
+    height = 2.6 * rows + 0.8
+    fig = Figure(figsize=(4.2 * cols, height), dpi=80)
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / height, top=1 - 0.65 / height, wspace=0.28, hspace=0.55)
+    x = range(len(names))
+    for i, (metric, keys) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        values = [v if v == v and (v > 0 or not log_axis(key)) else math.nan for v in results[key]]
-        ax.plot(range(len(values)), values, marker="o", markersize=3)
-        if log_axis(key):
+        log = log_axis(keys[0])
+        for key in keys:
+            values = [v if v == v and (v > 0 or not log) else math.nan for v in results[key]]
+            ax.plot(x, values, marker="o", markersize=3, label=key.split("/", 1)[1] if "/" in key else key)
+        if log:
             ax.set_yscale("log")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(metric, fontsize=9)
         ax.set_xlabel("layer (step)", fontsize=8)
-        ax.set_xticks(range(len(names)))
+        ax.set_xticks(x)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
     return fig
 
 

@@ -396,22 +396,23 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     may find no parent and create one. So a process that created a parent (or found a young one)
     waits until concurrent creations have committed, then every process takes the same canonical
     parent (the oldest), and a process whose own new parent lost deletes it. On a local SQLite store the
-    find-or-create is serialised by a file lock beside the database, so no parent is created twice there.
+    find-or-create is serialised by a file lock beside the database, so no parent is created twice there and
+    nothing needs to settle.
     """
     path = _sqlite_path(tracking_uri())
     if path is None:
-        return _study_parent(exp_id, study, tags)
+        return _study_parent(exp_id, study, tags, _PARENT_SETTLE_S)
     import fcntl
 
     with open(f"{path}-pnc-parent.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _study_parent(exp_id, study, tags)
+            return _study_parent(exp_id, study, tags, 0.0)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
+def _study_parent(exp_id: str, study: str, tags: dict[str, str], settle_s: float) -> str:
     c = client()
     runs = _study_parents(exp_id, study)
     mine = None
@@ -420,8 +421,8 @@ def _study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
             run = retrying(lambda: c.create_run(exp_id, run_name=study, tags=context_tags({TAG_STUDY: study, TAG_ROLE: "study", **tags})),
                            resource=_experiment(exp_id))
             mine = run.info.run_id
-        if mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000:
-            time.sleep(_PARENT_SETTLE_S)
+        if settle_s and (mine is not None or time.time() * 1000 - (runs[0].info.start_time or 0) < 30_000):
+            time.sleep(settle_s)
             runs = _study_parents(exp_id, study) or runs
     except KeyboardInterrupt:  # Ctrl-C while settling: the parent this process created must not stay RUNNING
         if mine is not None:

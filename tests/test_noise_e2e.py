@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from lean import LEAN
+
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["--set", "train.epochs=2", "--set", "models=[resnet8]", "--set", "noise.label=[{kind: symmetric, rates: [0.0, 0.3, 0.6]}]",
-        "--set", "noise.input=[{corruption: gaussian_noise, severities: [2]}]"]
+        "--set", "noise.input=[{corruption: gaussian_noise, severities: [2]}]", *LEAN]
 
 
 def pnc(args, cwd: Path, timeout: int = 900):
@@ -101,7 +103,7 @@ def test_noise_sweep_end_to_end(tmp_path: Path) -> None:
     missing = pnc(["compare", "specs/digits_depth.yaml"], tmp_path)
     assert missing.returncode == 1 and "no finished runs" in missing.stderr
     # two different studies on one relative-depth axis: each with its own metric (cdnv/train, clean cdnv/train_noisy)
-    depth = pnc(["run", "specs/digits_depth.yaml", "--set", "train.epochs=1", "--set", "models=[resnet8]"], tmp_path)
+    depth = pnc(["run", "specs/digits_depth.yaml", "--set", "train.epochs=1", "--set", "models=[resnet8]", *LEAN], tmp_path)
     assert depth.returncode == 0, depth.stderr
     both = pnc(["compare", "specs/digits_depth.yaml", "digits_noise"], tmp_path)
     assert both.returncode == 0, both.stderr

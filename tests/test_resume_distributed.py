@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lean import LEAN
+
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["--set", "models=[resnet8]", "--set", "train.epochs=6", "--set", "train.batch_size=64"]
+SETS = ["--set", "models=[resnet8]", "--set", "train.epochs=6", "--set", "train.batch_size=64", *LEAN]
 
 
 def _free_port() -> int:
@@ -120,7 +122,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
 def test_two_processes_match_one(tmp_path: Path) -> None:
     # no snapshots (the embedded spec takes them at epochs 0-2): this test's tolerances were measured on the final
     # measurement alone; snapshots on 2 processes are compared with 1 in tests/test_snapshots.py
-    sets = ["--set", "models=[resnet8]", "--set", "train.epochs=3", "--set", "train.batch_size=64", "--set", "measure.epochs=[]"]
+    sets = ["--set", "models=[resnet8]", "--set", "train.epochs=3", "--set", "train.batch_size=64", *LEAN]
     one = _project(tmp_path, "one")
     r1 = subprocess.run([sys.executable, "-m", "pnc.cli", "run", "specs/digits_depth.yaml", *sets], cwd=one, env=_env(one),
                         capture_output=True, text=True, timeout=600)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from lean import LEAN
+
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = ["--set", "train.epochs=1", "--set", "models=[resnet8, resnet14]"]
+OVERRIDES = ["--set", "train.epochs=1", "--set", "models=[resnet8, resnet14]", *LEAN]
 LAYERS = {"resnet8": 3, "resnet14": 6}  # residual blocks + penultimate - the last block (merged into penultimate)
 
 
@@ -167,7 +169,7 @@ def test_tracking_writers_race_on_a_fresh_sqlite_store(tmp_path: Path) -> None:
 def test_one_cell_started_twice_at_once_is_trained_once(tmp_path: Path) -> None:
     """A job array submitted twice: two `pnc run --cell ID` of the same cell start together. One trains it;
     the other says who holds it and exits 1 without touching its run; afterwards the cell has one run."""
-    overrides = ["--set", "train.epochs=2", "--set", "models=[resnet8]"]
+    overrides = ["--set", "train.epochs=2", "--set", "models=[resnet8]", *LEAN]
     db, env, (cell,) = embedded_project(tmp_path, overrides, PNC_CLAIM_SETTLE_S="2")
     pnc = PNC
     cmd = [*pnc, "run", "specs/digits_depth.yaml", *overrides, "--cell", cell, "--no-progress"]

@@ -39,14 +39,15 @@ import pytest
 import torch
 
 import metrics_reference as ref
+from lean import LEAN
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 RTOL = 1e-4  # float32 features (pnc casts every tap to float32 before its float64 statistics)
 COMMON = ["--set", "train.epochs=1", "--set", "models=[resnet8]", "--set", "dataset.image_size=8", "--no-progress"]
 STUDIES = [
-    ["specs/digits_depth.yaml", *COMMON],
-    ["specs/digits_noise.yaml", *COMMON, "--set", "noise.label=[{kind: symmetric, rates: [0.5]}]",
+    ["specs/digits_depth.yaml", *COMMON, *LEAN],
+    ["specs/digits_noise.yaml", *COMMON, *LEAN, "--set", "noise.label=[{kind: symmetric, rates: [0.5]}]",
      "--set", "noise.input=[{corruption: gaussian_noise, severities: [3]}]"],
     ["specs/digits_transfer.yaml", *COMMON, "--set", "transfer.sources=[handwritten]", "--set", "transfer.targets=[typeset]"],
 ]

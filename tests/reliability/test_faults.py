@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fakedata as F  # noqa: E402
+from lean import LEAN  # noqa: E402
 
 DIVERGE = ["--set", "train.epochs=1", "--set", "train.optimizer.lr=3", "--set", "train.max_loss=5",
-           "--set", "models=[resnet20, {name: resnet8, kwargs: {widths: [4, 8, 16]}}]"]
+           "--set", "models=[resnet20, {name: resnet8, kwargs: {widths: [4, 8, 16]}}]", *LEAN]
 
 
 def _project(tmp: Path) -> Path:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from lean import LEAN
+
 ROOT = Path(__file__).resolve().parents[2]
 # two tiny cells (narrow ResNets train an epoch in about a second)
 R8 = "{name: resnet8, kwargs: {widths: [4, 8, 16]}}"
@@ -53,7 +55,7 @@ def _state(runs: dict) -> dict[str, tuple]:
 
 
 def _sets(*models: str, epochs: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["--set", f"models=[{', '.join(models)}]", "--set", f"train.epochs={epochs}", *extra]
+    return ["--set", f"models=[{', '.join(models)}]", "--set", f"train.epochs={epochs}", *LEAN, *extra]
 
 
 @pytest.mark.slow

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from lean import LEAN
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TRAIN = ["--set", "models=[resnet8]", "--set", "train.epochs=5", "--set", "train.batch_size=64"]
+TRAIN = ["--set", "models=[resnet8]", "--set", "train.epochs=5", "--set", "train.batch_size=64", *LEAN]
 # 1 epoch; flattened features (2048-d at the first block) make measurement last seconds, not a fraction of one
 MEASURE = ["--set", "models=[{name: resnet8, kwargs: {widths: [8, 16, 32]}}]", "--set", "train.epochs=1",
            "--set", "measure.reduction=flatten"]
