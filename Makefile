@@ -34,7 +34,7 @@ postgres:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
 
 test: $(STAMP) chromium postgres
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --timeout 900
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist worksteal --timeout 900
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_metrics.py

@@ -680,7 +680,7 @@ def transition_onset(epochs: Sequence[int], curves: Sequence[Sequence[float]]) -
 
 def first_crossings(epochs: Sequence[int], ratios: Sequence[Sequence[float]], tol: float) -> list[int | None]:
     """Per layer, the first of ``epochs`` (ascending; ``ratios`` is epochs x layers) at which the memorization ratio
-    exceeds ``1 + tol`` (the rule of :func:`pnc.metrics.collapse.memorization_layers`); None when it never does."""
+    exceeds ``1 + tol`` (the rule of :func:`pnc.metrics.geometry.memorization_layers`); None when it never does."""
     r = np.asarray(ratios, dtype=np.float64)
     if r.ndim != 2 or r.shape[0] != len(epochs):
         raise ValueError(f"first_crossings: {len(epochs)} epochs vs ratios of shape {r.shape}")

@@ -297,8 +297,8 @@ def epoch_heatmap(d: pd.DataFrame, title: str, log: bool, boundary: float | None
         **enc, color=alt.Color("shown:Q", title="log10" if log else "value", scale=scale),
         tooltip=["epoch", "layer", "module", alt.Tooltip("value:Q", format=".4g")],
     ).properties(title=title, width=width, height=max(60, 18 * d.epoch.nunique()))
-    if boundary is not None:  # above the boundary beyond rounding (the rule of pnc.metrics.collapse.memorization_layers)
-        from .metrics.collapse import ROUNDING_TOL
+    if boundary is not None:  # above the boundary beyond rounding (the rule of pnc.metrics.geometry.memorization_layers)
+        from .metrics.geometry import ROUNDING_TOL
 
         above = d[d.value > boundary * (1.0 + ROUNDING_TOL)]
         chart = chart + alt.Chart(above).mark_rect(fillOpacity=0, stroke="black", strokeWidth=1.5).encode(**enc)

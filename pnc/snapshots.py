@@ -140,8 +140,7 @@ def intermediate_mean(values: np.ndarray, log: bool) -> float:
 
 def epoch_summaries(table: pd.DataFrame, accs: dict[int, dict[str, float]] | None = None) -> dict[int, dict[str, float]]:
     """Per epoch, the scalars logged with step = epoch (see the module's docstring)."""
-    from .metrics.collapse import memorization_layers
-    from .metrics.geometry import REGISTRY
+    from .metrics.geometry import REGISTRY, memorization_layers
 
     out: dict[int, dict[str, float]] = {}
     for (epoch, metric, split), d in table.groupby(["epoch", "metric", "split"], sort=True):
@@ -217,7 +216,7 @@ def cell_dynamics(table: pd.DataFrame, train_acc: list[float], curve_key: str) -
     of the training loop per epoch, reaches 1), the :class:`~pnc.analysis.TransitionOnset` of its ``curve_key``
     CDNV curves, and with a memorization ratio the first epoch each layer's Delta exceeds 1."""
     from . import analysis
-    from .metrics.collapse import ROUNDING_TOL
+    from .metrics.geometry import ROUNDING_TOL
 
     out: dict = {"train_acc_100_epoch": analysis.first_epoch_reaching(range(1, len(train_acc) + 1), train_acc, 1.0)}
     metric, split = curve_key.split("/", 1)

@@ -19,3 +19,12 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("long", derandomize=False, max_examples=2000, print_blob=True)
 settings.load_profile(os.environ.get("PNC_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules with a test marked ``slow`` run first, each module's tests kept together and in order (so a module's
+    fixtures are set up once per worker). With pytest-xdist the many quick tests then fill in behind the long ones,
+    instead of a long end-to-end test running alone at the end of the suite."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, position[id(item)]))

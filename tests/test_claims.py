@@ -191,6 +191,8 @@ def test_ctrl_c_while_settling_leaves_no_run_running(store, monkeypatch) -> None
     with pytest.raises(KeyboardInterrupt):
         tracking.claim_cell_run(exp, parent, CELL, {tracking.TAG_DATA: "d"})
     assert [r.info.status for r in _active(exp)] == ["KILLED"]
+    # a parent settles on a server's store (on a local SQLite store the file lock serialises its creation instead)
+    monkeypatch.setattr(tracking, "_sqlite_path", lambda uri: None)
     with pytest.raises(KeyboardInterrupt):
         tracking.study_parent(exp, "another-study", {})
     assert [r.info.status for r in tracking._study_parents(exp, "another-study")] == ["KILLED"]

@@ -279,7 +279,7 @@ class NoiseSweep(DepthSweep):
 
     def log_cell_extras(self, study: Any, run_id: str, results: dict, names: list[str], accs: dict, data: Any) -> dict:
         from .. import tracking
-        from ..metrics.collapse import memorization_layers
+        from ..metrics.geometry import memorization_layers
 
         mem_layers = memorization_layers(results["mem_ratio/train"]) if "mem_ratio/train" in results else None
         if study.main:
@@ -342,9 +342,9 @@ def corrupted_input_results(layers: dict, clean_layers: dict, extra_roles: Any =
     (training) labels: ``layers`` on the corrupted training inputs it was trained on, ``clean_layers`` on the clean
     inputs. ``<m>/train_noisy`` and ``<m>/train_clean`` per collapse metric, the probes of the clean measurement
     (and, per further test set in ``extra_roles``, the corrupted one's), and ``mem_ratio/train`` = CDNV(clean inputs)
-    / CDNV(corrupted inputs) per layer through :func:`pnc.metrics.collapse.memorization_ratio`, the function of
+    / CDNV(corrupted inputs) per layer through :func:`pnc.metrics.geometry.memorization_ratio`, the function of
     label-noise cells (``docs/metrics.md``: a zero denominator gives inf, or NaN for 0/0, with a MetricWarning)."""
-    from ..metrics.collapse import memorization_ratio
+    from ..metrics.geometry import memorization_ratio
 
     results = {key.replace("/train", "/train_noisy") if key.endswith("/train") else key: v for key, v in layers.items()
                if not key.startswith("probe_acc")}

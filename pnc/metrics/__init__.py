@@ -62,16 +62,15 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "collapse": ("MetricWarning", "NearestClassMean", "cdnv", "cdnv_matrix", "class_variances", "geometry",
-                 "memorization_layers", "memorization_ratio", "nc1", "nc2"),
+    "collapse": ("NearestClassMean", "cdnv", "cdnv_matrix", "class_variances", "geometry", "nc1", "nc2"),
     "comm": ("Comm",),
-    "geometry": ("Geometry", "REGISTRY", "pair_sq_distances"),
+    "geometry": ("Geometry", "REGISTRY", "ROUNDING_TOL", "memorization_layers", "memorization_ratio", "pair_sq_distances"),
     "matrices": ("matrix_arrays", "read_npz", "tidy_columns", "write_npz"),
     "measurement": ("METRICS", "Measurements", "class_summary", "collapse_metrics", "measure", "ncc_accuracy"),
     "options": ("DEFAULTS", "MeasureOptions", "LOGISTIC_CS", "RIDGE_ALPHAS"),
     "probes": ("CountSketch", "FeatureCache", "LinearProbe", "fit_logistic", "fit_ridge", "ridge_moments",
                "ridge_solve", "ridge_val_mse", "validation_part"),
-    "registry": ("Metric",),
+    "registry": ("Metric", "MetricWarning"),
     "stats": ("ClassStats", "ClassSummary", "chan_merge"),
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}

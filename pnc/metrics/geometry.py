@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
@@ -309,3 +310,35 @@ declare("mem_ratio", family="variability", label="memorization ratio Δ", better
         definition="Δ_l = CDNV_clean,l / CDNV_noisy,l on the training split (label vectors \"noisy\" and "
                    "\"clean\"); memorization layers {l : Δ_l > 1 + 1e−9}",
         source="paper Definitions 1–2")
+
+
+# ----------------------------------------------------------------------------- memorization (paper Definitions 1-2)
+def memorization_ratio(cdnv_clean: Sequence[float], cdnv_noisy: Sequence[float], *,
+                       denominator: str = "noisy labels") -> list[float]:
+    """Per-layer memorization ratio Delta_l = CDNV_clean,l / CDNV_noisy,l (paper Definition 1), as Python floats.
+
+    Label noise: the training split's CDNV under the clean labels over that under the noisy (trained-on) labels.
+    Corrupted inputs: the CDNV of the clean training inputs over that of the corrupted (trained-on) inputs, both
+    under the training labels, same network (``docs/metrics.md``). ``denominator`` names the noisy side in the
+    warning. CDNV_noisy,l = 0 gives inf (0/0 gives NaN), with a MetricWarning."""
+    if len(cdnv_clean) != len(cdnv_noisy):
+        raise ValueError(f"memorization_ratio: {len(cdnv_clean)} clean vs {len(cdnv_noisy)} noisy layers")
+    out = []
+    for c, n in zip(cdnv_clean, cdnv_noisy):
+        if n == 0:
+            warnings.warn(f"memorization ratio: CDNV on {denominator} is 0 (layer {len(out)})", MetricWarning, stacklevel=2)
+            out.append(math.nan if c == 0 else math.inf)
+        else:
+            out.append(float(c) / float(n))
+    return out
+
+
+ROUNDING_TOL = 1e-9
+
+
+def memorization_layers(ratios: Sequence[float], tol: float = ROUNDING_TOL) -> list[int]:
+    """Memorization layers {l : Delta_l > 1} (paper Definition 2), as 0-based layer indices.
+
+    ``Delta_l > 1 + tol``: identical statistics (clean labels on both sides) give Delta within a few
+    ulps of 1, which must not count as memorization. NaN ratios are never counted."""
+    return [i for i, r in enumerate(ratios) if r > 1.0 + tol]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pnc.metrics.collapse import MetricWarning, NearestClassMean, geometry, memorization_layers, memorization_ratio
+from pnc.metrics.collapse import NearestClassMean, geometry
 from pnc.metrics.comm import Comm
-from pnc.metrics.geometry import REGISTRY, Geometry
+from pnc.metrics.geometry import REGISTRY, Geometry, memorization_layers, memorization_ratio
 from pnc.metrics.options import DEFAULTS, PROBES, SCATTER_PRODUCTS
 from pnc.metrics.probes import (
     CountSketch,
@@ -27,6 +27,7 @@ from pnc.metrics.probes import (
     fit_ridge,
     validation_part,
 )
+from pnc.metrics.registry import MetricWarning
 from pnc.metrics.stats import F64, ClassStats, ClassSummary, check_labels
 
 METRICS: tuple[str, ...] = REGISTRY.defaults()  # the default selection; every choice: REGISTRY.selectable()
