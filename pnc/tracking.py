@@ -627,8 +627,17 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     results, and the parent's ``pnc.spec_digest`` tag names the latest spec."""
     from mlflow.entities import Param
 
-    have = get_run(run_id).data.params
-    _log_batch(run_id, "params", [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have], 90)
+    for attempt in range(6):
+        have = get_run(run_id).data.params
+        try:
+            _log_batch(run_id, "params", [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have], 90)
+            return
+        except Exception as e:  # noqa: BLE001
+            # processes starting cells of one study at once log the parent's params at once: the loser's insert
+            # of a key the winner logged meanwhile fails; read again and log what is still missing
+            if not duplicate_key(e) or attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -670,10 +679,15 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
             # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
             # insert; the loser succeeds on retry, when the dataset row exists and is only linked.
             # (SQLite: 'UNIQUE constraint failed'; PostgreSQL: 'duplicate key value violates unique constraint')
-            if not any(t in str(e) for t in ("UNIQUE constraint", "IntegrityError", "duplicate key", "UniqueViolation")) \
-                    or attempt == 5:
+            if not duplicate_key(e) or attempt == 5:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def duplicate_key(exc: BaseException) -> bool:
+    """Whether a store error is a unique-key violation: two processes inserted the same row at once
+    (SQLite: 'UNIQUE constraint failed'; PostgreSQL: 'duplicate key value violates unique constraint')."""
+    return any(t in str(exc) for t in ("UNIQUE constraint", "IntegrityError", "duplicate key", "UniqueViolation"))
 
 
 def log_json_artifact(run_id: str, name: str, obj: Any) -> None:

@@ -14,6 +14,9 @@ os.environ.setdefault("PNC_CLAIM_SETTLE_S", "0.3")
 # tries the same examples, so a failure is reproducible and a pass means the same thing each time. The "long"
 # profile (PNC_HYPOTHESIS_PROFILE=long) searches at random, with more examples where a test takes them from the
 # profile (tests/reliability/test_spec_fuzz.py), keeping found failures in .hypothesis/ to replay them.
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
@@ -28,3 +31,23 @@ def pytest_collection_modifyitems(config, items) -> None:
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     position = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (item.module.__name__ not in slow_modules, position[id(item)]))
+
+
+# ----------------------------------------------------------------------------- fixtures of the report tests
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch) -> Path:
+    """A private SQLite MLflow store in ``tmp_path``, which is also the working directory (tests/test_claims.py
+    and tests/test_modelstore.py have their own ``store``)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture
+def charts(monkeypatch) -> list:
+    """Skip writing HTML/PNG; keep each chart's Vega-Lite dict."""
+    import pnc.figures as figures
+
+    saved: list = []
+    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
+    return saved

@@ -196,3 +196,35 @@ def test_ctrl_c_while_settling_leaves_no_run_running(store, monkeypatch) -> None
     with pytest.raises(KeyboardInterrupt):
         tracking.study_parent(exp, "another-study", {})
     assert [r.info.status for r in tracking._study_parents(exp, "another-study")] == ["KILLED"]
+
+
+def test_params_logged_at_once_by_two_processes_end_with_each_key_once(store, monkeypatch) -> None:
+    """Processes starting cells of one study at once log the parent's params at once. The one whose insert loses
+    (a key the other logged between its read and its write: 'UNIQUE constraint failed', as the SQLite-backed MLflow
+    server of tests/test_team_mode.py answered) reads the run again and logs only what is still missing."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    _exp, parent = store
+    c = tracking.client()
+    real = c.log_batch
+    calls: list[list[str]] = []
+
+    def racing(run_id, **kw):
+        calls.append(sorted(p.key for p in kw.get("params", [])))
+        if len(calls) == 1:  # the other process logs "a" first
+            real(run_id, params=[Param("a", "1")])
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: params.key, params.run_uuid")
+        return real(run_id, **kw)
+
+    monkeypatch.setattr(c, "log_batch", racing)
+    tracking.log_params(parent, {"a": 1, "b": 2})
+    assert calls == [["a", "b"], ["b"]]
+    assert {k: v for k, v in tracking.get_run(parent).data.params.items() if k in ("a", "b")} == {"a": "1", "b": "2"}
+
+    def refused(run_id, **kw):  # any other store error is not retried
+        raise MlflowException("Changing param values is not allowed")
+
+    monkeypatch.setattr(c, "log_batch", refused)
+    with pytest.raises(MlflowException, match="Changing param values"):
+        tracking.log_params(parent, {"c": 3})

@@ -384,23 +384,6 @@ def test_cdnv_matrix_artifact_round_trip_and_tidy_columns(tmp_path: Path) -> Non
 
 
 # ----------------------------------------------------------------------------- reports: family panels and heatmaps
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
-
-
-@pytest.fixture
-def charts(monkeypatch) -> list:
-    """Skip writing HTML/PNG; keep each chart's Vega-Lite dict."""
-    import pnc.figures as figures
-
-    saved: list = []
-    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
-    return saved
-
-
 def finished_run(spec, cell, layers: dict, finals: dict, *, role: str = "cell", tags: dict | None = None,
                  matrices: dict | None = None, cell_id: str | None = None) -> str:
     """A FINISHED run tagged as ``pnc run`` tags it, with per-layer curves and (optionally) matrix artifacts."""

@@ -20,23 +20,6 @@ DEPTH = str(ROOT / "specs/digits_depth.yaml")
 NOISE = str(ROOT / "specs/digits_noise.yaml")
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
-
-
-@pytest.fixture
-def charts(monkeypatch) -> list:
-    """Skip writing HTML/PNG; keep each chart's Vega-Lite dict."""
-    import pnc.figures as figures
-
-    saved: list = []
-    monkeypatch.setattr(figures, "save", lambda chart, folder, stem: saved.append((stem, chart.to_dict())) or [])
-    return saved
-
-
 def _spec(path: str, *overrides: str):
     from pnc.spec import load_spec
 
