@@ -135,3 +135,38 @@ def test_transfer_does_not_reuse_a_version_stored_another_way(store: Path) -> No
     c.create_model_version("old-resnet8", info.model_uri, run_id=run, model_id=info.model_id,
                            tags={tracking.TAG_DATA: "d1", "pnc.train_key": "k1", tracking.TAG_CELL: "abc"})
     assert find_registered("old-resnet8", cell, "d1") is None
+
+
+def test_an_alias_set_at_once_by_two_processes_ends_on_one_version(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes registering versions of one model at once both set its ``current`` alias: the loser of
+    MLflow's find-then-insert gets a duplicate key (PostgreSQL's words, from a failed run of
+    tests/test_team_postgres.py) and, tried again, moves the alias; other errors are not retried."""
+    from mlflow.exceptions import MlflowException
+
+    from pnc import modelstore, tracking
+
+    c = tracking.client()
+    c.create_registered_model("m")
+    v1 = c.create_model_version("m", "runs:/x/model").version
+    v2 = c.create_model_version("m", "runs:/y/model").version
+    real = c.set_registered_model_alias
+    calls: list[str] = []
+
+    def racing(name, alias, version):
+        calls.append(str(version))
+        if len(calls) == 1:  # the other process sets the alias first
+            real(name, alias, v1)
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"registered_model_alias_pk"')
+        return real(name, alias, version)
+
+    monkeypatch.setattr(c, "set_registered_model_alias", racing)
+    modelstore.set_alias("m", "current", v2)
+    assert calls == [str(v2), str(v2)] and str(c.get_model_version_by_alias("m", "current").version) == str(v2)
+
+    def refused(name, alias, version):
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: registered model 'm' not found")
+
+    monkeypatch.setattr(c, "set_registered_model_alias", refused)
+    with pytest.raises(MlflowException, match="not found"):
+        modelstore.set_alias("m", "current", v1)
