@@ -123,9 +123,9 @@ class ClassSummary:
     def merge(self, other: ClassSummary) -> ClassSummary:
         """Exact merge of the statistics of two disjoint sample sets."""
         both = self.scatter is not None and other.scatter is not None  # a scatter only when both sides have one
-        a, b = ([t.unsqueeze(0) if t is not None else None for t in (x.count, x.mean, x.sq_dist, x.scatter if both else None)]
-                for x in (self, other))  # one group of K classes; the scatter is summed over them
-        n, m, q, s = chan_merge(*a, *b)
+        # one batch of K classes (leading dimension 1), the scatter summed over them
+        n, m, q, s = chan_merge(self.count[None], self.mean[None], self.sq_dist[None], self.scatter[None] if both else None,
+                                other.count[None], other.mean[None], other.sq_dist[None], other.scatter[None] if both else None)
         return ClassSummary(n[0], m[0], q[0], None if s is None else s[0])
 
     def to(self, device: torch.device | str) -> ClassSummary:
@@ -341,10 +341,10 @@ class ClassStats:
             self._gram_add(self.scatter[slot, part], queue[0] if len(queue) == 1 else torch.cat(queue))
 
     def _gram_add(self, s: Tensor, a: Tensor) -> None:
-        """s[i-block, j-block] += a[:, i]^T a[:, j] for the column blocks i <= j (the upper block triangle)."""
+        """s[i-block, j-block] += a[:, i]^T a[:, j] for the column blocks i <= j (the upper block triangle); ``a`` is
+        already in the products' dtype (:meth:`_defer`)."""
         if a.shape[0] == 0:
             return
-        a = a.to(torch.float32) if self.products == "float32" else a
         D = self.dim
         step = _GRAM_BLOCK if D > _GRAM_BLOCK else D
         for i in range(0, D, step):
