@@ -244,8 +244,35 @@ def bench_wide(name: str, n: int, seed: int) -> dict:
         r = res[prec]
         print(f"  [{name} {prec}] plain {plain:.1f}s, taps {r['taps']:.1f}s, engine stream {r['stream']:.1f}s + final "
               f"{r['final']:.1f}s", flush=True)
+    for prec, t in gram_floor(fe, loader(x, y, idx)).items():
+        if prec in res:
+            res[prec]["floor"] = t
     fe.close()
     return res
+
+
+def gram_floor(fe, batches) -> dict[str, float]:
+    """The arithmetic the scatter cannot avoid: one full D x D product over every sample's features per tap (NC1 on
+    train and test, the ridge probe sharing the training one), in products of ``GRAM_ROWS`` rows as the engine takes
+    them; only the products are timed (the features are extracted first). A symmetric product needs half of it."""
+    from pnc.metrics.stats import GRAM_ROWS
+
+    feats: list[list[torch.Tensor]] = []
+    for xb, *_ in batches:
+        feats.append([h.to(torch.float64) for h in fe(xb)[1].values()])
+    n_rows = sum(b[0].shape[0] for b in feats)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        t = 0.0
+        for tap in range(len(feats[0])):
+            h = torch.cat([b[tap] for b in feats]).to(dtype)
+            for i in range(0, n_rows, GRAM_ROWS):
+                c = h[i:i + GRAM_ROWS]
+                t0 = time.perf_counter()
+                c.T @ c
+                t += time.perf_counter() - t0
+        out[str(dtype).removeprefix("torch.")] = t
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -438,7 +465,7 @@ def main(argv=None) -> int:
         print(f"(iv) {wide['model']}, {wide['layers']} taps (D = {sorted(set(w64['dims']))}), {a.wide_samples} samples, "
               f"batch {BATCH}, all default metrics + NC1 on every layer (nc1_dim_cap 2048), ridge probe")
         print(f"{'products':<9} {'plain fwd s':>11} {'taps/plain':>10} {'stream engine/plain':>20} {'goal':>6} {'ok':>4} "
-              f"{'final s':>8} {'final/plain':>11} {'state':>10}")
+              f"{'final s':>8} {'final/plain':>11} {'state':>10} {'Gram floor/plain':>17}")
         for prec in ("float64", "float32"):
             if prec not in wide:
                 continue
@@ -446,8 +473,10 @@ def main(argv=None) -> int:
             ratio = r["stream"] / r["plain"]
             print(f"{prec:<9} {r['plain']:>11.1f} {r['taps'] / r['plain']:>10.3f} {ratio:>20.3f} {'<= 0.1':>6} "
                   f"{'yes' if ratio <= 0.1 else 'NO':>4} {r['final']:>8.1f} {r['final'] / r['plain']:>11.3f} "
-                  f"{r['state'] / 2**20:>7.0f} MiB")
+                  f"{r['state'] / 2**20:>7.0f} MiB {r.get('floor', float('nan')) / r['plain']:>17.3f}")
         print("  (final: once per measurement, independent of N; over a full training split it is a small share)")
+        print("  (Gram floor: full D x D products over every sample's features per tap, 512 rows each, the least any exact"
+              " NC1 + ridge probe must multiply; a symmetric product does half of it)")
     return 0
 
 
