@@ -129,14 +129,10 @@ def confusion_targets(num_classes: int, seed: int) -> np.ndarray:
     order = derivation_rng(seed, "class_dependent", 0, "targets").permutation(num_classes)
     t = np.empty(num_classes, dtype=np.int64)
     n_pairs = num_classes // 2 - (num_classes % 2)  # pairs before a final 3-cycle (odd K)
-    for i in range(n_pairs):
-        a, b = order[2 * i], order[2 * i + 1]
-        t[a], t[b] = b, a
-    rest = order[2 * n_pairs:]
-    if len(rest) == 2:
-        t[rest[0]], t[rest[1]] = rest[1], rest[0]
-    elif len(rest) == 3:
-        t[rest[0]], t[rest[1]], t[rest[2]] = rest[1], rest[2], rest[0]
+    a, b = order[0:2 * n_pairs:2], order[1:2 * n_pairs:2]
+    t[a], t[b] = b, a
+    rest = order[2 * n_pairs:]  # empty (even K) or the 3-cycle a->b->c->a (odd K)
+    t[rest] = np.roll(rest, -1)
     return t
 
 
