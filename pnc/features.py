@@ -275,22 +275,16 @@ class FeatureExtractor:
         self._recording = False
         self._handles: dict[str, Any] = {}
         for name, module in selected:
-            if name == PENULTIMATE:
-                self._handles[name] = module.register_forward_pre_hook(self._pre_hook(name))
+            if name == PENULTIMATE:  # the classifier's input
+                self._handles[name] = module.register_forward_pre_hook(self._hook(name, False))
             else:
                 self._handles[name] = module.register_forward_hook(self._hook(name, channels_last(model, module)))
 
     def _hook(self, name: str, last: bool):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        """A forward hook ``(module, args, out)`` recording ``out``, or a pre-hook ``(module, args)`` recording ``args``."""
+        def hook(module: nn.Module, args: Any, *out: Any) -> None:
             if self._recording:
-                self._outputs[name] = self.reduce(name, _first_tensor(out), last)
-
-        return hook
-
-    def _pre_hook(self, name: str):
-        def hook(module: nn.Module, args: Any) -> None:
-            if self._recording:
-                self._outputs[name] = self.reduce(name, _first_tensor(args), False)
+                self._outputs[name] = self.reduce(name, _first_tensor(out[0] if out else args), last)
 
         return hook
 
