@@ -335,19 +335,13 @@ class FeatureExtractor:
             a = outputs[name]
             if a.numel() < 2 or bool((a == a.reshape(-1)[0]).all()):
                 continue
-            kept = next((later for later in names[i + 1:]
+            kept = next((later for later in reversed(names[i + 1:])  # the group's last tap (equality is transitive)
                          if outputs[later].shape == a.shape and torch.equal(outputs[later], a)), None)
             if kept is not None:
                 self.merged[name] = kept
         for name in self.merged:
             self._handles.pop(name).remove()
-        self.merged = {name: self._final(kept) for name, kept in self.merged.items()}
         self.layer_names = [n for n in names if n not in self.merged]
-
-    def _final(self, name: str) -> str:
-        while name in self.merged:
-            name = self.merged[name]
-        return name
 
     def close(self) -> None:
         """Remove the hooks."""
