@@ -536,7 +536,6 @@ def measure(
 
     # ---------------------------------------------------------------- probes
     probes: list[LinearProbe] = []
-    probe_info: list[dict] = []
     if cfg.probe == "ridge":
         for lay in layers:
             assert lay.probe_stats is not None
@@ -551,12 +550,11 @@ def measure(
             is_val = validation_part(ic, cfg.val_fraction, cfg.seed).bool()
             p = fit_logistic(xc, yc, is_val, cfg.num_classes, cs=cfg.logistic_cs, seed=cfg.seed, sketch=lay.sketch)
             probes.append(p)
-    for lay, p in zip(layers, probes):
-        probe_info.append({
-            "layer": lay.name, "kind": p.kind, "reg": p.reg, "grid": list(p.grid), "val_scores": list(p.val_scores),
-            "val_metric": "mse" if p.kind == "ridge" else "accuracy", "sketched_to": lay.sketch.out_dim if lay.sketch else None,
-            **p.info,
-        })
+    probe_info = [{
+        "layer": lay.name, "kind": p.kind, "reg": p.reg, "grid": list(p.grid), "val_scores": list(p.val_scores),
+        "val_metric": "mse" if p.kind == "ridge" else "accuracy", "sketched_to": lay.sketch.out_dim if lay.sketch else None,
+        **p.info,
+    } for lay, p in zip(layers, probes)]
     samples = {TRAIN: int(n_train)}
 
     # ---------------------------------------------------------------- the layers' classifiers (NC3, UNC3, NC4)
