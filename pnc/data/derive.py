@@ -203,12 +203,15 @@ def corrupt_images(images: np.ndarray, transform: str, severity: int, rng: np.ra
         return images.copy()
     c = CORRUPTION_CONSTANTS[transform][severity - 1]
     out = np.empty_like(images)
-    per_item = max(1, int(np.prod(images.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_ELEMENTS // per_item)
-    for start in range(0, len(images), step):
-        x = images[start: start + step].astype(np.float64) / 255.0
-        out[start: start + step] = _corrupt_chunk(x, transform, c, rng)
+    for rows in _chunks(images):
+        out[rows] = _corrupt_chunk(images[rows].astype(np.float64) / 255.0, transform, c, rng)
     return out
+
+
+def _chunks(a: np.ndarray) -> list[slice]:
+    """Slices of ``a``'s first axis of about CHUNK_ELEMENTS array elements each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
+    return [slice(s, s + step) for s in range(0, len(a), step)]
 
 
 # ----------------------------------------------------------------------------- derive / materialise
@@ -300,11 +303,7 @@ _FORMULAS = {
 
 def _mean_abs_change(a: np.ndarray, b: np.ndarray) -> float:
     """Mean |a - b| over all elements, in uint8 units (chunked)."""
-    total = 0
-    per_item = max(1, int(np.prod(a.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_ELEMENTS // per_item)
-    for s in range(0, len(a), step):
-        total += int(np.abs(a[s: s + step].astype(np.int16) - b[s: s + step].astype(np.int16)).sum(dtype=np.int64))
+    total = sum(int(np.abs(a[rows].astype(np.int16) - b[rows].astype(np.int16)).sum(dtype=np.int64)) for rows in _chunks(a))
     return total / a.size if a.size else 0.0
 
 
