@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -422,16 +423,11 @@ class ClassStats:
             raise IndexError(f"labeling {labeling} out of range [0, {self.num_labelings})")
         self.settle()
         slot = self._scatter_slot.get(labeling)
-        parts = range(self.num_parts) if part is None else [part]
-        out: ClassSummary | None = None
-        for j in parts:
-            s = ClassSummary(
-                self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
-                None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
-            )
-            out = s if out is None else out.merge(s)
-        assert out is not None
-        return out
+        parts = [ClassSummary(
+            self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
+            None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
+        ) for j in (range(self.num_parts) if part is None else [part])]
+        return reduce(ClassSummary.merge, parts)  # merged in part order
 
 
 def check_labels(y: Tensor, num_classes: int) -> None:
