@@ -649,10 +649,7 @@ def transfer_correlation(points: Any, *, n_boot: int = N_BOOT, seed: int = SEED,
 # ----------------------------------------------------------------------------- collapse over training time
 def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float], level: float) -> int | None:
     """The first of ``epochs`` (ascending) whose value is at least ``level`` (NaN never is); None when none is."""
-    for e, v in zip(epochs, values):
-        if v == v and v >= level:
-            return int(e)
-    return None
+    return next((int(e) for e, v in zip(epochs, values) if v >= level), None)
 
 
 @dataclass

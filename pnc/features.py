@@ -275,22 +275,16 @@ class FeatureExtractor:
         self._recording = False
         self._handles: dict[str, Any] = {}
         for name, module in selected:
-            if name == PENULTIMATE:
-                self._handles[name] = module.register_forward_pre_hook(self._pre_hook(name))
+            if name == PENULTIMATE:  # the classifier's input
+                self._handles[name] = module.register_forward_pre_hook(self._hook(name, False))
             else:
                 self._handles[name] = module.register_forward_hook(self._hook(name, channels_last(model, module)))
 
     def _hook(self, name: str, last: bool):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        """A forward hook ``(module, args, out)`` recording ``out``, or a pre-hook ``(module, args)`` recording ``args``."""
+        def hook(module: nn.Module, args: Any, *out: Any) -> None:
             if self._recording:
-                self._outputs[name] = self.reduce(name, _first_tensor(out), last)
-
-        return hook
-
-    def _pre_hook(self, name: str):
-        def hook(module: nn.Module, args: Any) -> None:
-            if self._recording:
-                self._outputs[name] = self.reduce(name, _first_tensor(args), False)
+                self._outputs[name] = self.reduce(name, _first_tensor(out[0] if out else args), last)
 
         return hook
 
@@ -341,19 +335,13 @@ class FeatureExtractor:
             a = outputs[name]
             if a.numel() < 2 or bool((a == a.reshape(-1)[0]).all()):
                 continue
-            kept = next((later for later in names[i + 1:]
+            kept = next((later for later in reversed(names[i + 1:])  # the group's last tap (equality is transitive)
                          if outputs[later].shape == a.shape and torch.equal(outputs[later], a)), None)
             if kept is not None:
                 self.merged[name] = kept
         for name in self.merged:
             self._handles.pop(name).remove()
-        self.merged = {name: self._final(kept) for name, kept in self.merged.items()}
         self.layer_names = [n for n in names if n not in self.merged]
-
-    def _final(self, name: str) -> str:
-        while name in self.merged:
-            name = self.merged[name]
-        return name
 
     def close(self) -> None:
         """Remove the hooks."""

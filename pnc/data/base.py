@@ -175,15 +175,7 @@ def file_md5s(paths: Sequence[str | Path], *, cache: Path | None = None) -> list
                 known.update((r[0], (r[1], r[2], r[3])) for r in rows)
         except sqlite3.Error:
             known = {}
-    out: list[str | None] = []
-    todo: dict[str, tuple[int, int]] = {}
-    for ap, size, mtime in keys:
-        hit = known.get(ap)
-        if hit is not None and hit[0] == size and hit[1] == mtime:
-            out.append(hit[2])
-        else:
-            out.append(None)
-            todo[ap] = (size, mtime)
+    todo = {ap: (size, mtime) for ap, size, mtime in keys if known.get(ap, ())[:2] != (size, mtime)}  # new or changed
     if todo:
         names = list(todo)
         if len(names) > 64:
@@ -193,7 +185,6 @@ def file_md5s(paths: Sequence[str | Path], *, cache: Path | None = None) -> list
                 sums = dict(zip(names, pool.map(_file_md5, names)))
         else:
             sums = {n: _file_md5(n) for n in names}
-        out = [o if o is not None else sums[k[0]] for o, k in zip(out, keys)]
         if con is not None:
             now = time.time_ns()
             rows = []
@@ -212,7 +203,7 @@ def file_md5s(paths: Sequence[str | Path], *, cache: Path | None = None) -> list
                 pass  # another process holds the cache too long: the hashes are still correct, only not cached
     if con is not None:
         con.close()
-    return out  # type: ignore[return-value]
+    return [sums[ap] if ap in todo else known[ap][2] for ap, _, _ in keys]
 
 
 def dvc_tracking(folder: str | Path) -> dict | None:

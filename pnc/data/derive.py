@@ -129,14 +129,10 @@ def confusion_targets(num_classes: int, seed: int) -> np.ndarray:
     order = derivation_rng(seed, "class_dependent", 0, "targets").permutation(num_classes)
     t = np.empty(num_classes, dtype=np.int64)
     n_pairs = num_classes // 2 - (num_classes % 2)  # pairs before a final 3-cycle (odd K)
-    for i in range(n_pairs):
-        a, b = order[2 * i], order[2 * i + 1]
-        t[a], t[b] = b, a
-    rest = order[2 * n_pairs:]
-    if len(rest) == 2:
-        t[rest[0]], t[rest[1]] = rest[1], rest[0]
-    elif len(rest) == 3:
-        t[rest[0]], t[rest[1]], t[rest[2]] = rest[1], rest[2], rest[0]
+    a, b = order[0:2 * n_pairs:2], order[1:2 * n_pairs:2]
+    t[a], t[b] = b, a
+    rest = order[2 * n_pairs:]  # empty (even K) or the 3-cycle a->b->c->a (odd K)
+    t[rest] = np.roll(rest, -1)
     return t
 
 
@@ -207,12 +203,15 @@ def corrupt_images(images: np.ndarray, transform: str, severity: int, rng: np.ra
         return images.copy()
     c = CORRUPTION_CONSTANTS[transform][severity - 1]
     out = np.empty_like(images)
-    per_item = max(1, int(np.prod(images.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_ELEMENTS // per_item)
-    for start in range(0, len(images), step):
-        x = images[start: start + step].astype(np.float64) / 255.0
-        out[start: start + step] = _corrupt_chunk(x, transform, c, rng)
+    for rows in _chunks(images):
+        out[rows] = _corrupt_chunk(images[rows].astype(np.float64) / 255.0, transform, c, rng)
     return out
+
+
+def _chunks(a: np.ndarray) -> list[slice]:
+    """Slices of ``a``'s first axis of about CHUNK_ELEMENTS array elements each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
+    return [slice(s, s + step) for s in range(0, len(a), step)]
 
 
 # ----------------------------------------------------------------------------- derive / materialise
@@ -304,11 +303,7 @@ _FORMULAS = {
 
 def _mean_abs_change(a: np.ndarray, b: np.ndarray) -> float:
     """Mean |a - b| over all elements, in uint8 units (chunked)."""
-    total = 0
-    per_item = max(1, int(np.prod(a.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_ELEMENTS // per_item)
-    for s in range(0, len(a), step):
-        total += int(np.abs(a[s: s + step].astype(np.int16) - b[s: s + step].astype(np.int16)).sum(dtype=np.int64))
+    total = sum(int(np.abs(a[rows].astype(np.int16) - b[rows].astype(np.int16)).sum(dtype=np.int64)) for rows in _chunks(a))
     return total / a.size if a.size else 0.0
 
 

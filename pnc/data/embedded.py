@@ -86,9 +86,7 @@ def fraction_split(labels: np.ndarray, test_fraction: float, rng: np.random.Gene
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     labels = np.asarray(labels)
-    n_test = np.zeros(int(labels.max()) + 1, dtype=np.int64)
-    for k in np.unique(labels):
-        n_test[k] = int(round(int((labels == k).sum()) * test_fraction))
+    n_test = np.round(np.bincount(labels) * test_fraction).astype(np.int64)  # half to even, like round()
     test, train = stratified_split(labels, n_test, rng)
     return train, test
 
@@ -113,12 +111,14 @@ def _pil_resize(a: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarr
     return np.asarray(im.resize((int(size[1]), int(size[0])), resample=resample), dtype=np.float64)
 
 
-def _frame(hi: np.ndarray, image_size: int, box: float, dy: int, dx: int) -> np.ndarray:
-    """Crop ``hi`` (float, ink high) to its ink bounding box, scale the longer side to ``box``
-    pixels (antialiased), centre it in an ``image_size`` square shifted by (dy, dx) and return
-    uint8 0..255 with the ink maximum at 255."""
+def _frame(hi: np.ndarray, image_size: int, rng: np.random.Generator, box_share: tuple[float, float]) -> np.ndarray:
+    """Crop ``hi`` (float, ink high) to its ink bounding box, scale the longer side to ``box`` =
+    ``image_size * uniform(*box_share)`` pixels (antialiased), centre it in an ``image_size`` square shifted
+    by (dy, dx), each uniform in {-1, 0, 1}, and return uint8 0..255 with the ink maximum at 255."""
     from PIL import Image
 
+    box = image_size * rng.uniform(*box_share)
+    dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
     hi = np.clip(hi, 0.0, None)
     peak = float(hi.max())
     if peak <= 0:
@@ -169,9 +169,7 @@ def _render_handwritten(labels_wanted: np.ndarray, image_size: int, rng: np.rand
         src = images[pools[k][used[k]]]
         used[k] += 1
         hi = _pil_resize(src, (64, 64), Image.Resampling.BICUBIC)
-        box = image_size * rng.uniform(0.78, 0.86)
-        dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
-        out[i] = _frame(hi, image_size, box, dy, dx)
+        out[i] = _frame(hi, image_size, rng, (0.78, 0.86))
     return out
 
 
@@ -187,14 +185,12 @@ def _render_typeset(labels_wanted: np.ndarray, image_size: int, rng: np.random.G
         stroke = int(rng.integers(0, 3))
         angle = float(rng.uniform(-10.0, 10.0))
         aspect = float(rng.uniform(0.85, 1.15))
-        box = image_size * rng.uniform(0.72, 0.84)
-        dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
         im = Image.new("L", (_CANVAS, _CANVAS), 0)
         ImageDraw.Draw(im).text((_CANVAS / 2, _CANVAS / 2), str(int(k)), fill=255, font=font,
                                 anchor="mm", stroke_width=stroke, stroke_fill=255)
         im = im.rotate(angle, resample=Image.Resampling.BICUBIC)
         im = im.resize((max(1, int(round(_CANVAS * aspect))), _CANVAS), resample=Image.Resampling.BILINEAR)
-        out[i] = _frame(np.asarray(im, np.float64), image_size, box, dy, dx)
+        out[i] = _frame(np.asarray(im, np.float64), image_size, rng, (0.72, 0.84))
     return out
 
 
@@ -266,9 +262,7 @@ def _render_segment(labels_wanted: np.ndarray, image_size: int, rng: np.random.G
         hi = _draw_dot_matrix(int(k), rng) if dot else _draw_seven_segment(int(k), rng)
         if dot:  # blur a little so dots read as a glyph once downsampled
             hi = _pil_resize(_pil_resize(hi, (48, 48), Image.Resampling.BOX), (96, 96), Image.Resampling.BILINEAR)
-        box = image_size * rng.uniform(0.76, 0.86)
-        dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
-        out[i] = _frame(hi, image_size, box, dy, dx)
+        out[i] = _frame(hi, image_size, rng, (0.76, 0.86))
     return out
 
 
@@ -281,14 +275,17 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> dict[str, Imag
     classes "0".."9", split stratified and seeded into {"train", "test"}."""
     images, target = _sklearn_digits()
     u8 = np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    train, test = fraction_split(target, test_fraction, _rng(seed, "digits", "split"))
+    split = fraction_split(target, test_fraction, _rng(seed, "digits", "split"))
     meta = {"dataset": "digits", "seed": int(seed), "test_fraction": float(test_fraction)}
-    return {
-        name: ImageSplit(name=f"digits/{name}", classes=list(DIGIT_CLASSES), labels=target[idx],
-                         images=np.ascontiguousarray(u8[idx]), source="sklearn.datasets.load_digits",
-                         meta=dict(meta, split=name, index=idx))
-        for name, idx in (("train", train), ("test", test))
-    }
+    return _train_test("digits", u8, target, split, "sklearn.datasets.load_digits", meta)
+
+
+def _train_test(prefix: str, images: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray],
+                source: str, meta: dict) -> dict[str, ImageSplit]:
+    """{"train", "test"} of ``images`` and ``labels`` at the (train, test) indices ``split``."""
+    return {name: ImageSplit(name=f"{prefix}/{name}", classes=list(DIGIT_CLASSES), labels=labels[idx],
+                             images=np.ascontiguousarray(images[idx]), source=source, meta=dict(meta, split=name, index=idx))
+            for name, idx in zip(("train", "test"), split)}
 
 
 def render_domain(domain: str, *, image_size: int = 16, per_class: int = 170, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -314,17 +311,12 @@ def generate_digit_domains(*, image_size: int = 16, per_class: int = 170, test_f
     result: dict[str, dict[str, ImageSplit]] = {}
     for domain in domains:
         images, labels = render_domain(domain, image_size=image_size, per_class=per_class, seed=seed)
-        train, test = fraction_split(labels, test_fraction, _rng(seed, "digits_domains", domain, "split"))
+        split = fraction_split(labels, test_fraction, _rng(seed, "digits_domains", domain, "split"))
         meta = {"dataset": "digits_domains", "domain": domain, "seed": int(seed), "image_size": int(image_size),
                 "per_class": int(per_class), "test_fraction": float(test_fraction)}
         if domain == "typeset":
             meta["fonts"] = [p.name for p in typeset_fonts()]
-        result[domain] = {
-            name: ImageSplit(name=f"digits_domains/{domain}/{name}", classes=list(DIGIT_CLASSES),
-                             labels=labels[idx], images=np.ascontiguousarray(images[idx]),
-                             source=f"pnc.data.embedded:{domain}", meta=dict(meta, split=name, index=idx))
-            for name, idx in (("train", train), ("test", test))
-        }
+        result[domain] = _train_test(f"digits_domains/{domain}", images, labels, split, f"pnc.data.embedded:{domain}", meta)
     return result
 
 
@@ -347,14 +339,8 @@ def write_embedded(out_dir: str | Path, name: str, *, seed: int = 0) -> list[Pat
     from pnc.data.store import write_split
 
     out_dir = Path(out_dir)
-    if name == "digits":
-        groups = {"": load_digits(seed=seed)}
-    elif name == "digits_domains":
-        groups = generate_digit_domains(seed=seed)
-    else:
-        from pnc.errors import DataError, did_you_mean
-
-        raise DataError(f"{name!r} is not an embedded dataset.{did_you_mean(name, EMBEDDED_DATASETS)}")
+    # one group of splits per domain; load_embedded raises for a name that is not an embedded dataset
+    groups = generate_digit_domains(seed=seed) if name == "digits_domains" else {"": load_embedded(name, seed=seed)}
     written = []
     for domain, splits in groups.items():
         for split_name, split in splits.items():

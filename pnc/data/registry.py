@@ -196,9 +196,7 @@ def load_cell_data(spec: Any, cell: Any, *, domain: str | None = None) -> CellDa
     dig = split_digest(out)
     d_input = DataInput(f"{spec.name}/{setting_dirname(noise.tag)}", str(out), dig, "training", _stage_of(str(out)), {"base": tpath})
     base_inputs[0] = replace(base_inputs[0], context="evaluation")
-    clean_labels = derived.meta.get("clean_labels")
-    if clean_labels is None:
-        clean_labels = train.labels
+    clean_labels = derived.meta.get("clean_labels", train.labels)  # read_split sets it only when the folder has them
     if noise.type == "label":
         return CellData(train=derived, test=test, clean_labels=np.asarray(clean_labels), noise_rate=manifest.get("realized_noise_rate"),
                         manifest=manifest, inputs=[d_input] + base_inputs)

@@ -22,27 +22,17 @@ class Comm:
 
     def __init__(self, accelerator: Any = None):
         self.accelerator = accelerator
+        # one process unless a process group says otherwise; ``device``: where collectives run (CUDA for NCCL, else the CPU)
+        self.world_size, self.rank, self.device = 1, 0, torch.device("cpu")
         if accelerator is not None:
             self.world_size = int(accelerator.num_processes)
             self.rank = int(accelerator.process_index)
-            self._device = torch.device(accelerator.device)
+            self.device = torch.device(accelerator.device)
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             self.world_size = torch.distributed.get_world_size()
             self.rank = torch.distributed.get_rank()
-            backend = str(torch.distributed.get_backend()).lower()
-            if "nccl" in backend and torch.cuda.is_available():
-                self._device = torch.device("cuda", torch.cuda.current_device())
-            else:
-                self._device = torch.device("cpu")
-        else:
-            self.world_size = 1
-            self.rank = 0
-            self._device = torch.device("cpu")
-
-    @property
-    def device(self) -> torch.device:
-        """The device collectives run on (CUDA for NCCL, else the CPU)."""
-        return self._device
+            if "nccl" in str(torch.distributed.get_backend()).lower() and torch.cuda.is_available():
+                self.device = torch.device("cuda", torch.cuda.current_device())
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +42,7 @@ class Comm:
         """Return ``[t_rank0, t_rank1, ...]``; every process must pass a tensor of the same shape/dtype."""
         if self.world_size == 1:
             return [t]
-        src = t.detach().to(self._device).contiguous()
+        src = t.detach().to(self.device).contiguous()
         if self.accelerator is not None:
             out = self.accelerator.gather(src.unsqueeze(0))
             parts = list(out.reshape(self.world_size, *src.shape).unbind(0))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pnc.metrics.collapse import NearestClassMean, geometry
 from pnc.metrics.comm import Comm
-from pnc.metrics.geometry import REGISTRY, Geometry, memorization_layers, memorization_ratio
+from pnc.metrics.geometry import REGISTRY, memorization_layers, memorization_ratio
 from pnc.metrics.options import DEFAULTS, PROBES, SCATTER_PRODUCTS
 from pnc.metrics.probes import (
     CountSketch,
@@ -353,17 +353,15 @@ def _resolve_probe_col(probe_labels: str | int | None, names: tuple[str, ...]) -
     return col
 
 
-def _collapse_values(g: Geometry, cfg: _Config, nc1_ok: bool) -> dict[str, float]:
-    """{logged key prefix: value} of every selected scalar metric from class statistics (the registry's); those
-    that need the scatter are NaN on layers wider than ``nc1_dim_cap`` (warned once per measurement)."""
-    return {m.key: m.compute(g) if nc1_ok or "scatter" not in m.needs else math.nan
-            for m in REGISTRY.from_class_stats()
-            if m.name in cfg.metrics and "classifier" not in m.needs and m.kind == "scalar"}
-
-
-def _matrix_values(g: Geometry, cfg: _Config) -> dict[str, np.ndarray]:
-    """{key prefix: K x K array} of every selected matrix metric (``cdnv_matrix``), from the same statistics."""
-    return {m.key: m.compute(g) for m in REGISTRY.from_class_stats() if m.name in cfg.metrics and m.kind == "matrix"}
+def _add_class_stat_values(s: ClassSummary, cfg: _Config, nc1_ok: bool, where: str, out: dict, matrices: dict) -> None:
+    """Append, under ``<key>/<where>``, every selected metric from class statistics (the registry's) that needs no
+    classifier: scalars to ``out`` (those that need the scatter are NaN on layers wider than ``nc1_dim_cap``,
+    warned once per measurement), matrix metrics (``cdnv_matrix``: a K x K array) to ``matrices``."""
+    g = geometry(s)
+    for m in REGISTRY.from_class_stats():
+        if m.name in cfg.metrics and "classifier" not in m.needs:
+            value = m.compute(g) if nc1_ok or "scatter" not in m.needs else math.nan
+            (matrices if m.kind == "matrix" else out).setdefault(f"{m.key}/{where}", []).append(value)
 
 
 def _classifier_values(s: ClassSummary, cfg: _Config, clf: tuple[Tensor, Tensor] | None) -> dict[str, float]:
@@ -529,11 +527,7 @@ def measure(
         train_summaries = [[lay.summary(l) for l in range(L)] for lay in layers]
         for l in range(L):
             for i, lay in enumerate(layers):
-                g = geometry(train_summaries[i][l])
-                for k, v in _collapse_values(g, cfg, lay.nc1_ok).items():
-                    out.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(v)
-                for k, mat in _matrix_values(g, cfg).items():
-                    matrices.setdefault(f"{k}/{TRAIN}{cfg.suffix(l)}", []).append(mat)
+                _add_class_stat_values(train_summaries[i][l], cfg, lay.nc1_ok, f"{TRAIN}{cfg.suffix(l)}", out, matrices)
     mem_layers = None
     if "cdnv" in cfg.metrics and "noisy" in names and "clean" in names:
         ratio = memorization_ratio(out[f"cdnv/{TRAIN}_clean"], out[f"cdnv/{TRAIN}_noisy"])
@@ -542,7 +536,6 @@ def measure(
 
     # ---------------------------------------------------------------- probes
     probes: list[LinearProbe] = []
-    probe_info: list[dict] = []
     if cfg.probe == "ridge":
         for lay in layers:
             assert lay.probe_stats is not None
@@ -557,12 +550,11 @@ def measure(
             is_val = validation_part(ic, cfg.val_fraction, cfg.seed).bool()
             p = fit_logistic(xc, yc, is_val, cfg.num_classes, cs=cfg.logistic_cs, seed=cfg.seed, sketch=lay.sketch)
             probes.append(p)
-    for lay, p in zip(layers, probes):
-        probe_info.append({
-            "layer": lay.name, "kind": p.kind, "reg": p.reg, "grid": list(p.grid), "val_scores": list(p.val_scores),
-            "val_metric": "mse" if p.kind == "ridge" else "accuracy", "sketched_to": lay.sketch.out_dim if lay.sketch else None,
-            **p.info,
-        })
+    probe_info = [{
+        "layer": lay.name, "kind": p.kind, "reg": p.reg, "grid": list(p.grid), "val_scores": list(p.val_scores),
+        "val_metric": "mse" if p.kind == "ridge" else "accuracy", "sketched_to": lay.sketch.out_dim if lay.sketch else None,
+        **p.info,
+    } for lay, p in zip(layers, probes)]
     samples = {TRAIN: int(n_train)}
 
     # ---------------------------------------------------------------- the layers' classifiers (NC3, UNC3, NC4)
@@ -671,11 +663,7 @@ def _eval_pass(
     for lay, st in zip(layers, state):
         if st.coll is not None:
             for l in range(st.coll.num_labelings):
-                g = geometry(st.coll.summary(l))
-                for k, v in _collapse_values(g, cfg, lay.nc1_ok).items():
-                    out.setdefault(f"{k}/{split}{esuffix(l)}", []).append(v)
-                for k, mat in _matrix_values(g, cfg).items():
-                    out["__matrices__"].setdefault(f"{k}/{split}{esuffix(l)}", []).append(mat)
+                _add_class_stat_values(st.coll.summary(l), cfg, lay.nc1_ok, f"{split}{esuffix(l)}", out, out["__matrices__"])
         if nccs and "ncc" in cfg.metrics:
             correct = comm.sum(st.ncc_correct)
             for l in range(L):

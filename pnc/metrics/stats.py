@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -105,11 +106,6 @@ class ClassSummary:
         """N, the number of samples."""
         return int(self.count.sum().item())
 
-    @property
-    def present(self) -> Tensor:
-        """(K,) bool: classes with at least one sample."""
-        return self.count > 0
-
     def variances(self) -> Tensor:
         """(K,) float64 var_k = sq_dist_k / n_k (no Bessel correction); NaN marks absent classes."""
         n = self.count.to(F64)
@@ -127,12 +123,6 @@ class ClassSummary:
         n, m, q, s = chan_merge(self.count[None], self.mean[None], self.sq_dist[None], self.scatter[None] if both else None,
                                 other.count[None], other.mean[None], other.sq_dist[None], other.scatter[None] if both else None)
         return ClassSummary(n[0], m[0], q[0], None if s is None else s[0])
-
-    def to(self, device: torch.device | str) -> ClassSummary:
-        return ClassSummary(
-            self.count.to(device), self.mean.to(device), self.sq_dist.to(device),
-            None if self.scatter is None else self.scatter.to(device),
-        )
 
 
 class ClassStats:
@@ -212,12 +202,9 @@ class ClassStats:
     @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors and the rows waiting for their product."""
-        pending = sum(t.numel() * t.element_size() for rows in self._pending.values() for t in rows)
-        return pending + sum(t.numel() * t.element_size() for t in self._all_tensors())
-
-    def _all_tensors(self) -> list[Tensor]:
-        extra = [self.scatter, self.shift, self.fed_sq]
-        return [self.count, self.mean, self.sq_dist] + ([t for t in extra if t is not None] if self.scatter is not None else [])
+        pending = [t for rows in self._pending.values() for t in rows]
+        state = [t for t in (self.count, self.mean, self.sq_dist, self.scatter, self.shift, self.fed_sq) if t is not None]
+        return sum(t.numel() * t.element_size() for t in pending + state)
 
     def update(
         self,
@@ -305,11 +292,7 @@ class ClassStats:
                     self._defer(slot, j, rj)
                     self.fed_sq[slot, j] += rj.square().sum()
                 self._settled = False
-            naf = n_a.to(F64)
-            nt = (naf + nbf).clamp_min(1.0)
-            delta = mb - m_a
-            q_new = q_a + qb + naf * nbf / nt * delta.square().sum(1)
-            m_new = m_a + delta * (nbf / nt).unsqueeze(1)
+            _, m_new, q_new, _ = chan_merge(n_a, m_a, q_a, None, nb, mb, qb, None)
             if cls is None:
                 q_all.copy_(q_new)
                 m_all.copy_(m_new)
@@ -440,16 +423,11 @@ class ClassStats:
             raise IndexError(f"labeling {labeling} out of range [0, {self.num_labelings})")
         self.settle()
         slot = self._scatter_slot.get(labeling)
-        parts = range(self.num_parts) if part is None else [part]
-        out: ClassSummary | None = None
-        for j in parts:
-            s = ClassSummary(
-                self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
-                None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
-            )
-            out = s if out is None else out.merge(s)
-        assert out is not None
-        return out
+        parts = [ClassSummary(
+            self.count[labeling, j].clone(), self.mean[labeling, j].clone(), self.sq_dist[labeling, j].clone(),
+            None if slot is None or self.scatter is None else self.scatter[slot, j].clone(),
+        ) for j in (range(self.num_parts) if part is None else [part])]
+        return reduce(ClassSummary.merge, parts)  # merged in part order
 
 
 def check_labels(y: Tensor, num_classes: int) -> None:
