@@ -190,22 +190,26 @@ def log_layers(run_id: str, names: Any) -> None:
         tracking.log_tags(run_id, {TAG_MERGED_TAPS: ", ".join(f"{a} -> {b}" for a, b in merged.items())})
 
 
-def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None, snapshots=None):
+def train_cell(spec, cell, data, *, accelerator, run_id, progress, snapshots=None):
     """Build and train the cell's model (resuming from its checkpoint; measured at ``snapshots``' epochs, see
-    :mod:`pnc.snapshots`). Returns (model, TrainResult, checkpoint)."""
+    :mod:`pnc.snapshots`), logging ``train/loss`` and ``train/acc`` per epoch. Returns (model, TrainResult)."""
     from .data.torchdata import ImageDataset, make_augment
     from .train import seed_everything, train
 
+    def on_epoch(epoch: int, loss: float, acc: float) -> None:
+        tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
+
+    main = accelerator.is_main_process
     seed_everything(spec.train.seed)
     model = build_cell_model(spec, cell.model)
     train_ds = ImageDataset(data.train, image_size=spec.dataset.size, channels=spec.dataset.info.channels,
                             augment=make_augment(spec.train.augmentation, spec.train.seed))
-    ckpt = checkpoint_path(spec, cell)
-    result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
-                   progress=progress, desc=cell.name, extra_state={"run_id": run_id}, snapshots=snapshots)
-    if accelerator.is_main_process:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
+    result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=checkpoint_path(spec, cell),
+                   on_epoch=on_epoch if main else None, progress=progress, desc=cell.name,
+                   extra_state={"run_id": run_id}, snapshots=snapshots)
+    if main:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
         tracking.log_tags(run_id, {tracking.TAG_PRECISION: result.precision})
-    return model, result, ckpt
+    return model, result
 
 
 def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_classes: int, label_names,
