@@ -310,17 +310,6 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
 
 
 # ----------------------------------------------------------------------------- one study's run
-@dataclass
-class Attempt:
-    """The claim of one cell run, as every process sees it: ``run``, ``skip`` (finished in ``run_id``) or
-    ``busy`` (another process holds it; ``reason`` says who)."""
-
-    decision: str
-    run_id: str | None
-    reused: Any = None
-    reason: str = ""
-
-
 class StudyRun:
     """One study being run by this process (and its peers): the accelerator, the parent run, the guard, and
     the two steps every cell goes through, :meth:`claim` and :meth:`execute`."""
@@ -356,24 +345,22 @@ class StudyRun:
 
     def claim(self, cell: Any, tags: dict[str, str], *, role: str = "cell", cell_id: str | None = None,
               run_name: str | None = None, force: bool | None = None, usable: Callable = lambda r: True,
-              on_claimed: Callable[[str, Any], None] | None = None) -> Attempt:
+              on_claimed: Callable[[str, Any], None] | None = None) -> tracking.Claim:
         """Claim the run of ``cell`` (or of a sub-run: ``role``, ``cell_id``) on the main process, run
-        ``on_claimed(run_id, reused_run)`` there when it is this process's to run, and broadcast the decision."""
-        decision, run_id, reused, reason = "run", None, None, ""
+        ``on_claimed(run_id, reused_run)`` there when it is this process's to run, and broadcast the decision
+        (the other processes' claims carry no ``reused`` run and no ``holder``)."""
+        claim = tracking.Claim("run", None)
         if self.main:
             claim = tracking.claim_cell_run(self.exp_id, self.parent, cell, tags, role=role, cell_id=cell_id,
                                             run_name=run_name, force=self.force if force is None else force, usable=usable)
-            decision, run_id, reused = claim.decision, claim.run_id, claim.reused
-            if decision == "run":
-                self.guard.open_run = run_id
-                if reused is not None and tracking.TAG_FAILURE in reused.data.tags:  # retried: the old reason no longer holds
-                    tracking.delete_tag(run_id, tracking.TAG_FAILURE)
+            if claim.decision == "run":
+                self.guard.open_run = claim.run_id
+                if claim.reused is not None and tracking.TAG_FAILURE in claim.reused.data.tags:  # retried: the old reason no longer holds
+                    tracking.delete_tag(claim.run_id, tracking.TAG_FAILURE)
                 if on_claimed is not None:
-                    on_claimed(run_id, reused)
-            elif decision == "busy":
-                reason = tracking.busy_message(claim)
-        decision, run_id = self.broadcast(decision, run_id)
-        return Attempt(decision, run_id, reused, reason)
+                    on_claimed(claim.run_id, claim.reused)
+        claim.decision, claim.run_id = self.broadcast(claim.decision, claim.run_id)
+        return claim
 
     def execute(self, run_id: str, work: Callable[[], dict], *, checkpoint: Path | None = None) -> tuple[str, dict, str]:
         """Run ``work`` for a claimed run and close it: (status, summary, reason). FINISHED when it returns;

@@ -522,6 +522,11 @@ class Claim:
     reused: Any | None = None
     holder: str = ""
 
+    @property
+    def reason(self) -> str:
+        """Why the cell is left to another process (:func:`busy_message`); "" unless ``busy``."""
+        return busy_message(self) if self.decision == "busy" else ""
+
 
 def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
                    run_name: str | None = None, cell_id: str | None = None, usable=lambda run: True,
