@@ -366,16 +366,13 @@ class StudyRun:
         """Run ``work`` for a claimed run and close it: (status, summary, reason). FINISHED when it returns;
         FAILED with the reason on a TrainingError (the study goes on); KILLED on Ctrl-C / SIGTERM and FAILED
         on any other error, both re-raised. The checkpoint goes once the run is closed."""
+        status, summary, reason = "FINISHED", {}, ""
         try:
             summary = work()
         except TrainingError as e:
+            status, reason = "FAILED", str(e)
             if self.main:
-                tracking.log_tags(run_id, {tracking.TAG_FAILURE: str(e)})
-                tracking.end_run(run_id, "FAILED")
-                self.guard.open_run = None
-                if checkpoint is not None and checkpoint.exists():
-                    checkpoint.unlink()
-            return "FAILED", {}, str(e)
+                tracking.log_tags(run_id, {tracking.TAG_FAILURE: reason})
         except KeyboardInterrupt:
             if self.main and run_id:
                 tracking.end_run(run_id, "KILLED")
@@ -386,11 +383,11 @@ class StudyRun:
                 tracking.end_run(run_id, "FAILED")
             raise
         if self.main:
-            tracking.end_run(run_id, "FINISHED")
+            tracking.end_run(run_id, status)
             self.guard.open_run = None
             if checkpoint is not None and checkpoint.exists():
                 checkpoint.unlink()
-        return "FINISHED", summary, ""
+        return status, summary, reason
 
 
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
@@ -425,8 +422,7 @@ def log_study_summary(spec: Any, parent: str) -> dict:
         return {}
     tracking.log_metrics(parent, summary["metrics"])
     tracking.log_tags(parent, summary["tags"])
-    for key, curve in summary.get("curves", {}).items():
-        tracking.log_layer_metrics(parent, {key: curve})
+    tracking.log_layer_metrics(parent, summary.get("curves", {}))
     tracking.log_json_artifact(parent, "analysis.json", summary["details"])
     for k, v in summary["tags"].items():
         print(f"  {k}: {v}", file=sys.stderr)
