@@ -245,9 +245,6 @@ class _Predictor:
             x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
             return self.net(x).numpy()
 
-    def unwrap_python_model(self) -> Any:
-        return self.net
-
 
 def _load_pyfunc(data_path: str) -> _Predictor:
     """MLflow's loader-module entry point (``mlflow.pyfunc.load_model``): safetensors and a recipe, no pickle."""
