@@ -559,31 +559,24 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
         except Exception:  # noqa: BLE001 - positions are best effort
             return None
 
-    line, col = 1, 1
     node = doc
-    root = pos(lambda: (doc.lc.line, doc.lc.col)) if hasattr(doc, "lc") else None
-    if root:
-        line, col = root
+    line, col = pos(lambda: (doc.lc.line, doc.lc.col)) or (1, 1)
     for depth, key in enumerate(loc):
         last_key = at_key and depth == len(loc) - 1
         if isinstance(node, CommentedMap) and key in node:
             at = pos(node.lc.key, key)
-            if at is None:  # stop at the nearest ancestor that has a position
-                break
-            line, col = at
-            child = node[key]
-            # point at the value when it is a scalar on the same line
-            if not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
-                line, col = pos(node.lc.value, key) or (line, col)
-            node = child
         elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
             at = pos(node.lc.item, key)
-            if at is None:
-                break
-            line, col = at
-            node = node[key]
         else:
             break
+        if at is None:  # stop at the nearest ancestor that has a position
+            break
+        line, col = at
+        child = node[key]
+        # of a mapping's key: point at the value when it is a scalar on the same line
+        if isinstance(node, CommentedMap) and not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
+            line, col = pos(node.lc.value, key) or (line, col)
+        node = child
     return line, col
 
 
