@@ -740,34 +740,26 @@ def _parse_key(key: str, override: str) -> tuple:
 
 def _set_path(doc: Any, parts: tuple, value: Any, override: str) -> tuple | None:
     """Set ``parts`` to ``value`` in ``doc``; returns the location of the first mapping it had to create (or None)."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.comments import CommentedMap
 
     created: tuple | None = None
     node = doc
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise PncError(f"--set {override}: {_dotted(tuple(parts[: i + 1]))} does not exist")
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                what = _dotted(tuple(parts[:i]))
-                raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
-            if part not in node or node[part] is None:
-                node[part] = CommentedMap()
-                if created is None:
-                    created = tuple(parts[: i + 1])
-            node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, (list, CommentedSeq)) or last >= len(node):
-            raise PncError(f"--set {override}: index {last} is out of range")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            what = _dotted(tuple(parts[:-1]))
+                where = f"index {part} is out of range" if last else f"{_dotted(parts[: i + 1])} does not exist"
+                raise PncError(f"--set {override}: {where}")
+        elif not isinstance(node, dict):
+            what = _dotted(parts[:i])
             raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
-        node[last] = value
+        elif not last and (part not in node or node[part] is None):
+            node[part] = CommentedMap()
+            created = created or parts[: i + 1]
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
     return created
 
 
