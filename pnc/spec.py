@@ -507,18 +507,14 @@ def _partial_spec(data: dict) -> Any | None:
             continue
     else:
         return None
-    try:
-        probe = ProbeSpec.model_validate(data.get("probe") if data.get("probe") is not None else {})
-    except ValidationError:
-        probe = ProbeSpec()
-    blocks = {}
-    for key, block in (("train", TrainSpec), ("measure", MeasureSpec)):  # for measure.epochs vs train.epochs
+    # train and measure for measure.epochs vs train.epochs; an invalid probe block gives its defaults, the others are left out
+    blocks = {"probe": ProbeSpec()}
+    for key, block in (("probe", ProbeSpec), ("train", TrainSpec), ("measure", MeasureSpec)):
         try:
             blocks[key] = block.model_validate(data.get(key) if data.get(key) is not None else {})
         except ValidationError:
             pass
-    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **blocks,
-                           **KINDS.get(data["kind"]).partial(data))
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, models=[], **blocks, **KINDS.get(data["kind"]).partial(data))
 
 
 # ----------------------------------------------------------------------------- YAML with positions
