@@ -41,7 +41,10 @@ class _RateNoiseSpec(SpecBlock):
     @field_validator("rates")
     @classmethod
     def _rates(cls, v: list[float]) -> list[float]:
-        return _check_rates(v)
+        bad = [r for r in v if not (0.0 <= r <= 1.0)]
+        if bad:
+            raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
+        return no_duplicates(v)
 
 
 class SymmetricNoiseSpec(_RateNoiseSpec):
@@ -61,13 +64,6 @@ class HumanNoiseSpec(SpecBlock):
 
     kind: Literal["human"]
     label_sets: Unique[str] = Field(min_length=1)
-
-
-def _check_rates(v: list[float]) -> list[float]:
-    bad = [r for r in v if not (0.0 <= r <= 1.0)]
-    if bad:
-        raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
-    return no_duplicates(v)
 
 
 LabelNoiseSpec = Annotated[
