@@ -197,11 +197,7 @@ def user_info(info: catalog.DatasetInfo, root: str | None, splits: tuple) -> cat
     return replace(info, num_classes=k, channels=channels, image_size=size, splits=tuple(dict(splits)))
 
 
-def _model_entry(v: Any) -> Any:
-    return {"name": v} if isinstance(v, str) else v
-
-
-ModelEntry = Annotated[ModelSpec, BeforeValidator(_model_entry)]
+ModelEntry = Annotated[ModelSpec, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)]  # a bare name: {name: ...}
 
 
 class OptimizerSpec(SpecBlock):
