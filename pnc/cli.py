@@ -190,9 +190,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         spec = load_spec(f, args.overrides)
         out = render_study(spec, Path(args.out))
         print(f"{spec.name}: report written to {out}")
-    if args.index or args.specs:
-        idx = render_index(Path(args.out))
-        print(f"index: {idx}")
+    print(f"index: {render_index(Path(args.out))}")  # given specs or --index (checked above)
     return 0
 
 

@@ -190,22 +190,26 @@ def log_layers(run_id: str, names: Any) -> None:
         tracking.log_tags(run_id, {TAG_MERGED_TAPS: ", ".join(f"{a} -> {b}" for a, b in merged.items())})
 
 
-def train_cell(spec, cell, data, *, accelerator, run_id, progress, on_epoch=None, snapshots=None):
+def train_cell(spec, cell, data, *, accelerator, run_id, progress, snapshots=None):
     """Build and train the cell's model (resuming from its checkpoint; measured at ``snapshots``' epochs, see
-    :mod:`pnc.snapshots`). Returns (model, TrainResult, checkpoint)."""
+    :mod:`pnc.snapshots`), logging ``train/loss`` and ``train/acc`` per epoch. Returns (model, TrainResult)."""
     from .data.torchdata import ImageDataset, make_augment
     from .train import seed_everything, train
 
+    def on_epoch(epoch: int, loss: float, acc: float) -> None:
+        tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
+
+    main = accelerator.is_main_process
     seed_everything(spec.train.seed)
     model = build_cell_model(spec, cell.model)
     train_ds = ImageDataset(data.train, image_size=spec.dataset.size, channels=spec.dataset.info.channels,
                             augment=make_augment(spec.train.augmentation, spec.train.seed))
-    ckpt = checkpoint_path(spec, cell)
-    result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=ckpt, on_epoch=on_epoch,
-                   progress=progress, desc=cell.name, extra_state={"run_id": run_id}, snapshots=snapshots)
-    if accelerator.is_main_process:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
+    result = train(model, train_ds, spec.train, accelerator=accelerator, checkpoint=checkpoint_path(spec, cell),
+                   on_epoch=on_epoch if main else None, progress=progress, desc=cell.name,
+                   extra_state={"run_id": run_id}, snapshots=snapshots)
+    if main:  # what ran, next to the train.precision param asked for (fp16 on a CPU runs fp32)
         tracking.log_tags(run_id, {tracking.TAG_PRECISION: result.precision})
-    return model, result, ckpt
+    return model, result
 
 
 def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_classes: int, label_names,
@@ -306,17 +310,6 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
 
 
 # ----------------------------------------------------------------------------- one study's run
-@dataclass
-class Attempt:
-    """The claim of one cell run, as every process sees it: ``run``, ``skip`` (finished in ``run_id``) or
-    ``busy`` (another process holds it; ``reason`` says who)."""
-
-    decision: str
-    run_id: str | None
-    reused: Any = None
-    reason: str = ""
-
-
 class StudyRun:
     """One study being run by this process (and its peers): the accelerator, the parent run, the guard, and
     the two steps every cell goes through, :meth:`claim` and :meth:`execute`."""
@@ -352,39 +345,34 @@ class StudyRun:
 
     def claim(self, cell: Any, tags: dict[str, str], *, role: str = "cell", cell_id: str | None = None,
               run_name: str | None = None, force: bool | None = None, usable: Callable = lambda r: True,
-              on_claimed: Callable[[str, Any], None] | None = None) -> Attempt:
+              on_claimed: Callable[[str, Any], None] | None = None) -> tracking.Claim:
         """Claim the run of ``cell`` (or of a sub-run: ``role``, ``cell_id``) on the main process, run
-        ``on_claimed(run_id, reused_run)`` there when it is this process's to run, and broadcast the decision."""
-        decision, run_id, reused, reason = "run", None, None, ""
+        ``on_claimed(run_id, reused_run)`` there when it is this process's to run, and broadcast the decision
+        (the other processes' claims carry no ``reused`` run and no ``holder``)."""
+        claim = tracking.Claim("run", None)
         if self.main:
             claim = tracking.claim_cell_run(self.exp_id, self.parent, cell, tags, role=role, cell_id=cell_id,
                                             run_name=run_name, force=self.force if force is None else force, usable=usable)
-            decision, run_id, reused = claim.decision, claim.run_id, claim.reused
-            if decision == "run":
-                self.guard.open_run = run_id
-                if reused is not None and tracking.TAG_FAILURE in reused.data.tags:  # retried: the old reason no longer holds
-                    tracking.delete_tag(run_id, tracking.TAG_FAILURE)
+            if claim.decision == "run":
+                self.guard.open_run = claim.run_id
+                if claim.reused is not None and tracking.TAG_FAILURE in claim.reused.data.tags:  # retried: the old reason no longer holds
+                    tracking.delete_tag(claim.run_id, tracking.TAG_FAILURE)
                 if on_claimed is not None:
-                    on_claimed(run_id, reused)
-            elif decision == "busy":
-                reason = tracking.busy_message(claim)
-        decision, run_id = self.broadcast(decision, run_id)
-        return Attempt(decision, run_id, reused, reason)
+                    on_claimed(claim.run_id, claim.reused)
+        claim.decision, claim.run_id = self.broadcast(claim.decision, claim.run_id)
+        return claim
 
     def execute(self, run_id: str, work: Callable[[], dict], *, checkpoint: Path | None = None) -> tuple[str, dict, str]:
         """Run ``work`` for a claimed run and close it: (status, summary, reason). FINISHED when it returns;
         FAILED with the reason on a TrainingError (the study goes on); KILLED on Ctrl-C / SIGTERM and FAILED
         on any other error, both re-raised. The checkpoint goes once the run is closed."""
+        status, summary, reason = "FINISHED", {}, ""
         try:
             summary = work()
         except TrainingError as e:
+            status, reason = "FAILED", str(e)
             if self.main:
-                tracking.log_tags(run_id, {tracking.TAG_FAILURE: str(e)})
-                tracking.end_run(run_id, "FAILED")
-                self.guard.open_run = None
-                if checkpoint is not None and checkpoint.exists():
-                    checkpoint.unlink()
-            return "FAILED", {}, str(e)
+                tracking.log_tags(run_id, {tracking.TAG_FAILURE: reason})
         except KeyboardInterrupt:
             if self.main and run_id:
                 tracking.end_run(run_id, "KILLED")
@@ -395,11 +383,11 @@ class StudyRun:
                 tracking.end_run(run_id, "FAILED")
             raise
         if self.main:
-            tracking.end_run(run_id, "FINISHED")
+            tracking.end_run(run_id, status)
             self.guard.open_run = None
             if checkpoint is not None and checkpoint.exists():
                 checkpoint.unlink()
-        return "FINISHED", summary, ""
+        return status, summary, reason
 
 
 def run_study(spec: Any, cells: list, *, spec_path: str, force: bool = False, progress: bool = True,
@@ -434,8 +422,7 @@ def log_study_summary(spec: Any, parent: str) -> dict:
         return {}
     tracking.log_metrics(parent, summary["metrics"])
     tracking.log_tags(parent, summary["tags"])
-    for key, curve in summary.get("curves", {}).items():
-        tracking.log_layer_metrics(parent, {key: curve})
+    tracking.log_layer_metrics(parent, summary.get("curves", {}))
     tracking.log_json_artifact(parent, "analysis.json", summary["details"])
     for k, v in summary["tags"].items():
         print(f"  {k}: {v}", file=sys.stderr)

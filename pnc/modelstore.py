@@ -164,19 +164,11 @@ def set_alias(name: str, alias: str, version: Any) -> None:
     """Point ``alias`` of registered model ``name`` at ``version``. Processes registering versions of one model at
     once all set its ``current`` alias; MLflow finds the alias, then inserts it, so the loser of that race fails
     with a duplicate key (seen on PostgreSQL); tried again, it finds the alias and moves it (the last one wins)."""
-    import time
-
     from . import tracking
 
     c = tracking.client()
-    for attempt in range(6):
-        try:
-            tracking.retrying(lambda: c.set_registered_model_alias(name, alias, version), resource=f"registered model {name!r}")
-            return
-        except Exception as e:  # noqa: BLE001
-            if not tracking.duplicate_key(e) or attempt == 5:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    tracking.again_on_duplicate(lambda: tracking.retrying(lambda: c.set_registered_model_alias(name, alias, version),
+                                                          resource=f"registered model {name!r}"))
 
 
 def _describe_flavors(flavors: dict[str, Any]) -> str:
@@ -252,9 +244,6 @@ class _Predictor:
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
             return self.net(x).numpy()
-
-    def unwrap_python_model(self) -> Any:
-        return self.net
 
 
 def _load_pyfunc(data_path: str) -> _Predictor:

@@ -197,11 +197,7 @@ def user_info(info: catalog.DatasetInfo, root: str | None, splits: tuple) -> cat
     return replace(info, num_classes=k, channels=channels, image_size=size, splits=tuple(dict(splits)))
 
 
-def _model_entry(v: Any) -> Any:
-    return {"name": v} if isinstance(v, str) else v
-
-
-ModelEntry = Annotated[ModelSpec, BeforeValidator(_model_entry)]
+ModelEntry = Annotated[ModelSpec, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)]  # a bare name: {name: ...}
 
 
 class OptimizerSpec(SpecBlock):
@@ -507,18 +503,14 @@ def _partial_spec(data: dict) -> Any | None:
             continue
     else:
         return None
-    try:
-        probe = ProbeSpec.model_validate(data.get("probe") if data.get("probe") is not None else {})
-    except ValidationError:
-        probe = ProbeSpec()
-    blocks = {}
-    for key, block in (("train", TrainSpec), ("measure", MeasureSpec)):  # for measure.epochs vs train.epochs
+    # train and measure for measure.epochs vs train.epochs; an invalid probe block gives its defaults, the others are left out
+    blocks = {"probe": ProbeSpec()}
+    for key, block in (("probe", ProbeSpec), ("train", TrainSpec), ("measure", MeasureSpec)):
         try:
             blocks[key] = block.model_validate(data.get(key) if data.get(key) is not None else {})
         except ValidationError:
             pass
-    return SimpleNamespace(kind=data["kind"], dataset=dataset, probe=probe, models=[], **blocks,
-                           **KINDS.get(data["kind"]).partial(data))
+    return SimpleNamespace(kind=data["kind"], dataset=dataset, models=[], **blocks, **KINDS.get(data["kind"]).partial(data))
 
 
 # ----------------------------------------------------------------------------- YAML with positions
@@ -559,31 +551,24 @@ def _position(doc: Any, loc: tuple, at_key: bool = False) -> tuple[int, int]:
         except Exception:  # noqa: BLE001 - positions are best effort
             return None
 
-    line, col = 1, 1
     node = doc
-    root = pos(lambda: (doc.lc.line, doc.lc.col)) if hasattr(doc, "lc") else None
-    if root:
-        line, col = root
+    line, col = pos(lambda: (doc.lc.line, doc.lc.col)) or (1, 1)
     for depth, key in enumerate(loc):
         last_key = at_key and depth == len(loc) - 1
         if isinstance(node, CommentedMap) and key in node:
             at = pos(node.lc.key, key)
-            if at is None:  # stop at the nearest ancestor that has a position
-                break
-            line, col = at
-            child = node[key]
-            # point at the value when it is a scalar on the same line
-            if not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
-                line, col = pos(node.lc.value, key) or (line, col)
-            node = child
         elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
             at = pos(node.lc.item, key)
-            if at is None:
-                break
-            line, col = at
-            node = node[key]
         else:
             break
+        if at is None:  # stop at the nearest ancestor that has a position
+            break
+        line, col = at
+        child = node[key]
+        # of a mapping's key: point at the value when it is a scalar on the same line
+        if isinstance(node, CommentedMap) and not isinstance(child, (CommentedMap, CommentedSeq)) and not last_key:
+            line, col = pos(node.lc.value, key) or (line, col)
+        node = child
     return line, col
 
 
@@ -747,34 +732,26 @@ def _parse_key(key: str, override: str) -> tuple:
 
 def _set_path(doc: Any, parts: tuple, value: Any, override: str) -> tuple | None:
     """Set ``parts`` to ``value`` in ``doc``; returns the location of the first mapping it had to create (or None)."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.comments import CommentedMap
 
     created: tuple | None = None
     node = doc
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise PncError(f"--set {override}: {_dotted(tuple(parts[: i + 1]))} does not exist")
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                what = _dotted(tuple(parts[:i]))
-                raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
-            if part not in node or node[part] is None:
-                node[part] = CommentedMap()
-                if created is None:
-                    created = tuple(parts[: i + 1])
-            node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, (list, CommentedSeq)) or last >= len(node):
-            raise PncError(f"--set {override}: index {last} is out of range")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            what = _dotted(tuple(parts[:-1]))
+                where = f"index {part} is out of range" if last else f"{_dotted(parts[: i + 1])} does not exist"
+                raise PncError(f"--set {override}: {where}")
+        elif not isinstance(node, dict):
+            what = _dotted(parts[:i])
             raise PncError(f"--set {override}: {what + ' is' if what else 'the document is'} not a mapping")
-        node[last] = value
+        elif not last and (part not in node or node[part] is None):
+            node[part] = CommentedMap()
+            created = created or parts[: i + 1]
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
     return created
 
 

@@ -522,6 +522,11 @@ class Claim:
     reused: Any | None = None
     holder: str = ""
 
+    @property
+    def reason(self) -> str:
+        """Why the cell is left to another process (:func:`busy_message`); "" unless ``busy``."""
+        return busy_message(self) if self.decision == "busy" else ""
+
 
 def claim_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str], *, role: str = "cell",
                    run_name: str | None = None, cell_id: str | None = None, usable=lambda run: True,
@@ -627,17 +632,13 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     results, and the parent's ``pnc.spec_digest`` tag names the latest spec."""
     from mlflow.entities import Param
 
-    for attempt in range(6):
+    def missing() -> None:
         have = get_run(run_id).data.params
-        try:
-            _log_batch(run_id, "params", [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have], 90)
-            return
-        except Exception as e:  # noqa: BLE001
-            # processes starting cells of one study at once log the parent's params at once: the loser's insert
-            # of a key the winner logged meanwhile fails; read again and log what is still missing
-            if not duplicate_key(e) or attempt == 5:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+        _log_batch(run_id, "params", [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have], 90)
+
+    # processes starting cells of one study at once log the parent's params at once: the loser's insert
+    # of a key the winner logged meanwhile fails; read again and log what is still missing
+    again_on_duplicate(missing)
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -669,25 +670,28 @@ def log_inputs(run_id: str, inputs: Iterable[Any]) -> None:
         source = json.dumps(inp.source() if hasattr(inp, "source") else {"uri": inp.path, "dvc_stage": inp.stage}, sort_keys=True)
         ds = Dataset(name=inp.name, digest=inp.digest[:36], source_type="local", source=source)
         items.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", inp.context)]))
-    if not items:
-        return
-    for attempt in range(6):
-        try:
-            retrying(lambda: c.log_inputs(run_id, datasets=items), resource=f"run {run_id}")
-            return
-        except Exception as e:  # noqa: BLE001
-            # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
-            # insert; the loser succeeds on retry, when the dataset row exists and is only linked.
-            # (SQLite: 'UNIQUE constraint failed'; PostgreSQL: 'duplicate key value violates unique constraint')
-            if not duplicate_key(e) or attempt == 5:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    if items:
+        # Two processes logging the same dataset (experiment, name, digest) at once race inside MLflow's
+        # insert; the loser succeeds on retry, when the dataset row exists and is only linked.
+        again_on_duplicate(lambda: retrying(lambda: c.log_inputs(run_id, datasets=items), resource=f"run {run_id}"))
 
 
 def duplicate_key(exc: BaseException) -> bool:
     """Whether a store error is a unique-key violation: two processes inserted the same row at once
     (SQLite: 'UNIQUE constraint failed'; PostgreSQL: 'duplicate key value violates unique constraint')."""
     return any(t in str(exc) for t in ("UNIQUE constraint", "IntegrityError", "duplicate key", "UniqueViolation"))
+
+
+def again_on_duplicate(fn, attempts: int = 6):
+    """``fn()``, tried again (after a short wait, ``attempts`` times in all) while it fails with a unique-key
+    violation (:func:`duplicate_key`): the loser of two concurrent inserts finds the row on its next try."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - only duplicate keys are tried again
+            if not duplicate_key(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_json_artifact(run_id: str, name: str, obj: Any) -> None:

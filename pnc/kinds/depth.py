@@ -134,16 +134,10 @@ class DepthSweep(StudyKind):
     def network(self, study: Any, cell: Any, data: Any, run_id: str, snapshots: Any = None) -> tuple[Any, Any]:
         """(the cell's network, its TrainResult): trained here, resuming from its checkpoint, measured at the
         ``snapshots``' epochs on the way (:mod:`pnc.snapshots`)."""
-        from .. import tracking
         from ..engine import train_cell
 
-        def on_epoch(epoch: int, loss: float, acc: float) -> None:
-            tracking.log_metrics(run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
-
-        model, result, _ = train_cell(study.spec, cell, data, accelerator=study.accelerator, run_id=run_id,
-                                      progress=study.progress, on_epoch=on_epoch if study.main else None,
-                                      snapshots=snapshots)
-        return model, result
+        return train_cell(study.spec, cell, data, accelerator=study.accelerator, run_id=run_id, progress=study.progress,
+                          snapshots=snapshots)
 
     def measure_network(self, study: Any, cell: Any, data: Any, run_id: str) -> dict:
         """Get the cell's network (:meth:`network`), measure every layer, log to ``run_id``."""

@@ -41,7 +41,10 @@ class _RateNoiseSpec(SpecBlock):
     @field_validator("rates")
     @classmethod
     def _rates(cls, v: list[float]) -> list[float]:
-        return _check_rates(v)
+        bad = [r for r in v if not (0.0 <= r <= 1.0)]
+        if bad:
+            raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
+        return no_duplicates(v)
 
 
 class SymmetricNoiseSpec(_RateNoiseSpec):
@@ -61,13 +64,6 @@ class HumanNoiseSpec(SpecBlock):
 
     kind: Literal["human"]
     label_sets: Unique[str] = Field(min_length=1)
-
-
-def _check_rates(v: list[float]) -> list[float]:
-    bad = [r for r in v if not (0.0 <= r <= 1.0)]
-    if bad:
-        raise ValueError(f"rates must lie in [0, 1]; got {', '.join(map(str, bad))}")
-    return no_duplicates(v)
 
 
 LabelNoiseSpec = Annotated[
@@ -282,13 +278,8 @@ class NoiseSweep(DepthSweep):
         from ..metrics.geometry import memorization_layers
 
         mem_layers = memorization_layers(results["mem_ratio/train"]) if "mem_ratio/train" in results else None
-        if study.main:
-            finals = {}
-            if data.noise_rate is not None:
-                finals["noise/realized_rate"] = data.noise_rate
-            if "train_clean" in accs:
-                finals["train/clean_input_acc"] = accs["train_clean"]
-            tracking.log_metrics(run_id, finals)
+        if study.main:  # log_metrics leaves out the values that are None (no realised rate, no clean inputs)
+            tracking.log_metrics(run_id, {"noise/realized_rate": data.noise_rate, "train/clean_input_acc": accs.get("train_clean")})
             if mem_layers is not None:
                 tracking.log_tags(run_id, {"pnc.memorization_layers": ",".join(map(str, mem_layers)) or "none"})
                 tracking.log_json_artifact(run_id, "memorization_layers.json",

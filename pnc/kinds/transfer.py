@@ -194,13 +194,9 @@ class DomainTransfer(StudyKind):
 
         def work() -> dict:
             t0 = time.time()
-
-            def on_epoch(epoch: int, loss: float, acc: float) -> None:
-                tracking.log_metrics(att.run_id, {"train/loss": loss, "train/acc": acc}, step=epoch)
-
             snaps = snapshots.make(spec, snapshots.source_measure(spec, src, study))
-            model, result, _ = train_cell(spec, cell, src, accelerator=study.accelerator, run_id=att.run_id,
-                                          progress=study.progress, on_epoch=on_epoch if main else None, snapshots=snaps)
+            model, result = train_cell(spec, cell, src, accelerator=study.accelerator, run_id=att.run_id,
+                                       progress=study.progress, snapshots=snaps)
             if snaps is not None:  # the final epoch's snapshot on the source (every process: a collective)
                 results, names, accs = snaps.measure(model)
                 if main:
