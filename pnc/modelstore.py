@@ -111,7 +111,7 @@ def load_dir(path: Path) -> Any:
 # ------------------------------------------------------------------ MLflow
 def log_model(net: Any, run_id: str, recipe: dict[str, Any] | None = None, example: Any = None) -> Any:
     """Log ``net`` to ``run_id`` as an MLflow logged model named ``model``, with the exact versions of the packages
-    that load it and, given an ``example`` batch of images, its signature; returns MLflow's ModelInfo."""
+    that load it and, given an ``example`` batch of images, its signature and that input example; returns MLflow's ModelInfo."""
     from importlib.metadata import version
 
     import mlflow.pyfunc
@@ -129,6 +129,7 @@ def log_model(net: Any, run_id: str, recipe: dict[str, Any] | None = None, examp
                 signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
         return tracking.retrying(lambda: Model.log(None, mlflow.pyfunc, name=ARTIFACT_NAME, run_id=run_id,
                                                    loader_module=__name__, data_path=str(data), signature=signature,
+                                                   input_example=example,
                                                    pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS]),
                                  resource=f"run {run_id}")
 

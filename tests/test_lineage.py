@@ -88,6 +88,7 @@ def test_lineage_of_noise_and_transfer_runs(tmp_path: Path) -> None:
     channels = load_spec(tmp_path / "specs/digits_transfer.yaml").dataset.info.channels
     assert model.signature.inputs.inputs[0].shape == (-1, channels, 16, 16)
     assert model.signature.outputs.inputs[0].shape == (-1, 10)
+    assert model.load_input_example(str(loc)).shape == (1, channels, 16, 16), "an input example (the MLflow UI shows it)"
     reqs = (loc / "requirements.txt").read_text().split()
     assert {f"{d}=={version(d)}" for d in ("torch", "torchvision", "timm")} <= set(reqs), reqs
 
