@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from . import __version__
 from .errors import AccessDenied
 
@@ -149,25 +151,19 @@ def _init_store(uri: str, make_client):
     path = _sqlite_path(uri)
     if path is None:
         return make_client()
-    import fcntl
-
     try:  # import the SQL stores before taking the lock: the lock is held for less time
         import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     except ImportError:  # pragma: no cover - other MLflow layouts: imported under the lock instead
         pass
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}-pnc-init.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _prepare_sqlite(uri)
-            c = make_client()
-            # open both stores now (tracking and model registry): this is what creates the tables
-            retrying(lambda: c.search_experiments(max_results=1))
-            retrying(lambda: c.search_registered_models(max_results=1))
-            return c
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(f"{path}-pnc-init.lock"):
+        _prepare_sqlite(uri)
+        c = make_client()
+        # open both stores now (tracking and model registry): this is what creates the tables
+        retrying(lambda: c.search_experiments(max_results=1))
+        retrying(lambda: c.search_registered_models(max_results=1))
+        return c
 
 
 _CLIENT = None
@@ -402,14 +398,8 @@ def study_parent(exp_id: str, study: str, tags: dict[str, str]) -> str:
     path = _sqlite_path(tracking_uri())
     if path is None:
         return _study_parent(exp_id, study, tags, _PARENT_SETTLE_S)
-    import fcntl
-
-    with open(f"{path}-pnc-parent.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _study_parent(exp_id, study, tags, 0.0)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(f"{path}-pnc-parent.lock"):
+        return _study_parent(exp_id, study, tags, 0.0)
 
 
 def _study_parent(exp_id: str, study: str, tags: dict[str, str], settle_s: float) -> str:

@@ -340,9 +340,7 @@ def corrupted_input_results(layers: dict, clean_layers: dict, extra_roles: Any =
     results = {key.replace("/train", "/train_noisy") if key.endswith("/train") else key: v for key, v in layers.items()
                if not key.startswith("probe_acc")}
     results.update({key.replace("/train", "/train_clean"): v for key, v in clean_layers.items() if key.endswith("/train")})
-    for key, v in clean_layers.items():
-        if key.startswith("probe_acc"):
-            results[key] = v
+    results.update({key: v for key, v in clean_layers.items() if key.startswith("probe_acc")})
     for role in extra_roles:  # probes on the corrupted training inputs, scored on the published corrupted test set
         results.update({key: v for key, v in layers.items() if key.startswith("probe_acc/") and key.endswith("/" + role)})
     results["mem_ratio/train"] = memorization_ratio(results["cdnv/train_clean"], results["cdnv/train_noisy"],
