@@ -268,14 +268,9 @@ def measure_model(model, spec: Any, splits: dict[str, Any], *, accelerator, num_
                 t += torch.stack([(ok * w).sum(), w.sum()])
         return {k: v.float() for k, v in feats.items()}
 
-    evals = {}
-    if ncc_train and "ncc" in wanted:
-        evals["train"] = batches("train", count=False)
-    if "test" in splits:
-        evals["test"] = batches("test")
-    for role in splits:  # further test sets, e.g. the published corrupted test set ("cifar10c")
-        if role not in ("train", "test"):
-            evals[role] = batches(role)
+    evals = {"train": batches("train", count=False)} if ncc_train and "ncc" in wanted else {}
+    # "test", then further test sets (e.g. the published corrupted test set, "cifar10c"), in the order given
+    evals.update({role: batches(role) for role in splits if role != "train"})
     want_probe = "probe" in wanted and "test" in splits
     try:
         result = measure(

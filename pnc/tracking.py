@@ -451,15 +451,16 @@ def start_cell_run(exp_id: str, parent_id: str, cell: Any, tags: dict[str, str],
 
 
 # ------------------------------------------------------------------ claiming a cell (one process per cell)
-def _seconds(name: str, default: float) -> float:
+def _float(text: str | None, default: float) -> float:
+    """``text`` as a float; ``default`` when it is missing or not a number."""
     try:
-        return float(os.environ.get(name, default))
-    except ValueError:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return default
 
 
-LEASE_S = _seconds("PNC_LEASE_S", 300.0)  # a holder silent for this long (other host) has died
-SETTLE_S = _seconds("PNC_CLAIM_SETTLE_S", 2.0)  # longer than a process takes from its check to its claim (at least)
+LEASE_S = _float(os.environ.get("PNC_LEASE_S"), 300.0)  # a holder silent for this long (other host) has died
+SETTLE_S = _float(os.environ.get("PNC_CLAIM_SETTLE_S"), 2.0)  # longer than a process takes from its check to its claim (at least)
 _TOKEN = uuid.uuid4().hex[:8]
 _BEATS: dict[str, tuple[threading.Event, threading.Thread]] = {}
 
@@ -490,11 +491,7 @@ def holder(run: Any, now: float | None = None) -> str | None:
     if not owner or owner == owner_id():
         return None
     host, _, rest = owner.partition(":")
-    try:
-        beat = float(run.data.tags.get(TAG_HEARTBEAT, "0"))
-    except ValueError:
-        beat = 0.0
-    if (now if now is not None else time.time()) - beat >= LEASE_S:
+    if (now if now is not None else time.time()) - _float(run.data.tags.get(TAG_HEARTBEAT), 0.0) >= LEASE_S:
         return None
     if host == socket.gethostname():
         pid = rest.partition(":")[0]
